@@ -7,32 +7,20 @@ checkpoint never executes code. A sidecar `<path>.sha256` holds the file's check
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import torch
 
 from . import networks
+from .fileio import atomic_path, sha256_file
 
 FORMAT = "remeanflow-net-v1"
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def atomic_torch_save(obj, path) -> None:
-    """Write through a temporary file and rename, so a killed job never leaves a torn file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """torch.save through a temporary file and rename, so a killed job never leaves a torn file."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _plain(value):
