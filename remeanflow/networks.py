@@ -27,11 +27,16 @@ import torch.nn.functional as F
 # Magnitude-preserving primitives (EDM2 section 3 and appendix B).
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for low-precision tensors, float64 kept (tests check derivatives in float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Scale x to unit RMS over `dim` (all but the first by default), EDM2 Eq. 45."""
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=_compute_dtype(x.dtype))
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
@@ -76,7 +81,8 @@ class MPFourier(torch.nn.Module):
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x.to(torch.float32).outer(self.freqs.to(torch.float32)) + self.phases.to(torch.float32)
+        dtype = _compute_dtype(x.dtype)
+        y = x.to(dtype).outer(self.freqs.to(dtype)) + self.phases.to(dtype)
         return (y.cos() * math.sqrt(2)).to(x.dtype)
 
 
@@ -93,10 +99,10 @@ class MPConv(torch.nn.Module):
     def normalize_weight_(self) -> None:
         """Forced weight normalisation (EDM2 Eq. 47): project the stored weight back onto the
         unit-RMS sphere so that the effective learning rate stays constant."""
-        self.weight.copy_(normalize(self.weight.to(torch.float32)))
+        self.weight.copy_(normalize(self.weight.to(_compute_dtype(self.weight.dtype))))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        w = normalize(self.weight.to(torch.float32))
+        w = normalize(self.weight.to(_compute_dtype(self.weight.dtype)))
         w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
@@ -346,19 +352,20 @@ class Precond(torch.nn.Module):
 
     def _edm(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor, class_labels) -> torch.Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x) with the given noise embedding."""
-        x = x.to(torch.float32)
-        sigma = sigma.to(torch.float32).reshape(-1, 1, 1, 1)
+        x = x.to(_compute_dtype(x.dtype))
+        sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sd2 + sigma**2).sqrt()
         labels = self.labels(class_labels, x.shape[0], x.device)
+        labels = labels.to(x.dtype) if labels is not None else None
         F_x = self.unet(c_in * x, emb, labels)
-        return c_skip * x + c_out * F_x.to(torch.float32)
+        return c_skip * x + c_out * F_x.to(x.dtype)
 
     @staticmethod
     def _expand(v, x: torch.Tensor) -> torch.Tensor:
-        v = torch.as_tensor(v, dtype=torch.float32, device=x.device)
+        v = torch.as_tensor(v, dtype=_compute_dtype(x.dtype), device=x.device)
         return v.expand(x.shape[0]) if v.ndim == 0 else v.reshape(x.shape[0])
 
     # -- public API ----------------------------------------------------------------------------
@@ -370,22 +377,24 @@ class Precond(torch.nn.Module):
 
     def logvar(self, sigma: torch.Tensor) -> torch.Tensor:
         """Per-sample log-variance of EDM2's uncertainty-weighted loss (EDM2 Eq. 21)."""
-        c_noise = sigma.to(torch.float32).flatten().log() / 4
+        c_noise = sigma.to(_compute_dtype(sigma.dtype)).flatten().log() / 4
         return self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
 
     def teacher_velocity(self, x_t: torch.Tensor, t, class_labels=None) -> torch.Tensor:
         """Flow velocity of the unmodified teacher: (x_t - D(x_t/(1-t), t/(1-t))) / t."""
+        x_t = x_t.to(_compute_dtype(x_t.dtype))
         t = self._expand(t, x_t)
         tb = t.reshape(-1, 1, 1, 1)
-        D = self.denoise(x_t.to(torch.float32) / (1 - tb), t / (1 - t), class_labels)
-        return (x_t.to(torch.float32) - D) / tb
+        D = self.denoise(x_t / (1 - tb), t / (1 - t), class_labels)
+        return (x_t - D) / tb
 
     def forward(self, x_t: torch.Tensor, t, r, class_labels=None) -> torch.Tensor:
         """MeanFlow average velocity u(x_t, t, r | c) over [r, t]."""
+        x_t = x_t.to(_compute_dtype(x_t.dtype))
         t, r = self._expand(t, x_t), self._expand(r, x_t)
         tb = t.reshape(-1, 1, 1, 1)
-        D = self._edm(x_t.to(torch.float32) / (1 - tb), t / (1 - t), self.unet.time_embedding(t, r), class_labels)
-        return (x_t.to(torch.float32) - D) / tb
+        D = self._edm(x_t / (1 - tb), t / (1 - t), self.unet.time_embedding(t, r), class_labels)
+        return (x_t - D) / tb
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""EDM2 network in flow form: magnitude preservation, EDM2 naming/sizes, flow <-> EDM conversion."""
+
+import math
+
+import pytest
+import torch
+
+from remeanflow import networks as N
+
+
+def _var(x):
+    """Squared magnitude (mean square), the quantity EDM2's MP layers preserve."""
+    return x.double().square().mean().item()
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _untrained_but_nontrivial(net):
+    """EDM2 initialises out_gain and emb_gain to zero (F = 0); give them values so that tests
+    see the whole network rather than the skip connection alone."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("gain"):
+                p.fill_(0.7)
+    return net
+
+
+def test_mp_primitives_preserve_unit_variance():
+    a, b = torch.randn(2, 200_000)
+    assert _var(N.mp_silu(a)) == pytest.approx(1.0, abs=0.03)
+    for t in (0.3, 0.5, 0.8):
+        assert _var(N.mp_sum(a, b, t)) == pytest.approx(1.0, abs=0.02)
+    cat = N.mp_cat(torch.randn(4000, 8), torch.randn(4000, 56), dim=1, t=0.3)
+    assert _var(cat) == pytest.approx(1.0, abs=0.03)
+    # the weights of mp_cat follow the balance: the smaller part is up-weighted per element
+    assert _var(cat[:, :8]) > _var(cat[:, 8:])
+    fourier = N.MPFourier(256)(torch.rand(4000) * 4 - 2)
+    assert _var(fourier) == pytest.approx(1.0, abs=0.05)
+
+
+@pytest.mark.parametrize("kernel", [(), (1, 1), (3, 3)])
+def test_mpconv_keeps_unit_variance_for_any_weight_scale(kernel):
+    conv = N.MPConv(64, 48, kernel)
+    with torch.no_grad():
+        conv.weight.mul_(17.0)  # weight normalisation must make the scale irrelevant
+    x = torch.randn(64, 64) if not kernel else torch.randn(16, 64, 24, 24)
+    y = conv(x)
+    if kernel == (3, 3):
+        y = y[:, :, 1:-1, 1:-1]  # zero padding shrinks the border
+    assert _var(y) == pytest.approx(1.0, abs=0.06)
+
+
+def test_unet_activations_stay_unit_scale():
+    net = N.build("toy-16").eval()
+    x = torch.randn(32, 3, 16, 16)
+    seen = []
+    hooks = [blk.register_forward_hook(lambda m, i, o: seen.append(_var(o))) for blk in net.unet.enc.values()]
+    with torch.no_grad():
+        net.unet(x, net.unet.teacher_embedding(torch.zeros(32)), N.one_hot(torch.arange(32) % 10, 10))
+    for h in hooks:
+        h.remove()
+    assert all(0.3 < v < 3.0 for v in seen), seen
+
+
+@pytest.mark.parametrize(
+    "preset, expected_millions",
+    [("edm2-img512-s", 280.2), ("edm2-img512-xs", 124.7)],
+)
+def test_edm2_presets_have_published_parameter_counts(preset, expected_millions):
+    with torch.device("meta"):
+        net = N.build(preset)
+    teacher_params = sum(
+        p.numel() for name, p in net.named_parameters() if "emb_noise_t" not in name and "emb_noise_r" not in name
+    )
+    assert teacher_params / 1e6 == pytest.approx(expected_millions, abs=0.05)
+
+
+def test_state_dict_names_follow_edm2():
+    with torch.device("meta"):
+        keys = set(N.build("edm2-img64-s").state_dict())
+    for name in [
+        "unet.out_gain", "unet.emb_fourier.freqs", "unet.emb_fourier.phases", "unet.emb_noise.weight",
+        "unet.emb_label.weight", "unet.enc.64x64_conv.weight", "unet.enc.32x32_down.conv_res0.weight",
+        "unet.enc.16x16_block0.attn_qkv.weight", "unet.enc.64x64_block2.emb_gain",
+        "unet.dec.8x8_in0.attn_proj.weight", "unet.dec.8x8_in1.conv_res1.weight",
+        "unet.dec.64x64_block3.conv_skip.weight", "unet.dec.32x32_up.emb_linear.weight",
+        "unet.out_conv.weight", "logvar_fourier.freqs", "logvar_linear.weight",
+        "unet.emb_noise_t.weight", "unet.emb_noise_r.weight",
+    ]:
+        assert name in keys, name
+    assert not any(k.startswith("unet.enc.64x64_block3") or "attn" in k and "64x64" in k for k in keys)
+
+
+def test_teacher_velocity_is_the_flow_form_of_denoise():
+    net = _untrained_but_nontrivial(N.build("tiny").double().eval())
+    x_t = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    t = torch.tensor([0.01, 0.2, 0.5, 0.7, 0.9, 80 / 81], dtype=torch.float64)
+    c = torch.tensor([0, 1, 2, 3, -1, 1])
+    with torch.no_grad():
+        v = net.teacher_velocity(x_t, t, c)
+        tb = t.reshape(-1, 1, 1, 1)
+        by_hand = (x_t - net.denoise(x_t / (1 - tb), t / (1 - t), c)) / tb
+    torch.testing.assert_close(v, by_hand, rtol=0, atol=0)
+
+
+def test_forward_with_teacher_embedding_equals_teacher_velocity(monkeypatch):
+    net = _untrained_but_nontrivial(N.build("tiny").eval())
+    x_t = torch.randn(5, 2, 8, 8)
+    t = torch.tensor([0.05, 0.3, 0.5, 0.8, 0.95])
+    c = torch.tensor([0, 1, 2, 3, -1])
+    with torch.no_grad():
+        v = net.teacher_velocity(x_t, t, c)
+        u_new = net(x_t, t, t, c)
+        monkeypatch.setattr(net.unet, "time_embedding", lambda t, r: net.unet.teacher_embedding((t / (1 - t)).log() / 4))
+        u_teacher_emb = net(x_t, t, t, c)
+    torch.testing.assert_close(u_teacher_emb, v, rtol=0, atol=0)
+    assert not torch.allclose(u_new, v, atol=1e-3)  # the fresh dual embedding is a different function
+
+
+def test_velocity_of_a_perfect_denoiser_is_n_minus_x(monkeypatch):
+    """u = (x_t - D)/t must recover v = n - x when D returns the clean sample exactly."""
+    net = N.build("tiny").double().eval()
+    x = torch.randn(4, 2, 8, 8, dtype=torch.float64)
+    n = torch.randn_like(x)
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9], dtype=torch.float64)
+    x_t = (1 - t.reshape(-1, 1, 1, 1)) * x + t.reshape(-1, 1, 1, 1) * n
+    monkeypatch.setattr(net, "_edm", lambda x_edm, sigma, emb, c: x)
+    torch.testing.assert_close(net(x_t, t, 0.0 * t, None), n - x)
+
+
+def test_forward_is_functional_and_weight_normalisation_is_separate():
+    net = _untrained_but_nontrivial(N.build("tiny").train())
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(3.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(3, 2, 8, 8)
+    u = net(x, torch.full((3,), 0.5), torch.full((3,), 0.2), torch.tensor([0, 1, -1]))
+    u.square().mean().backward()
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "forward mutated parameters"
+
+    net.normalize_weights_()
+    conv = net.unet.enc["8x8_conv"]
+    rms = conv.weight.flatten(1).square().mean(1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), atol=1e-3, rtol=0)
+    # forced normalisation changes the stored weights but not the function (up to the eps of normalize)
+    with torch.no_grad():
+        u2 = net(x, torch.full((3,), 0.5), torch.full((3,), 0.2), torch.tensor([0, 1, -1]))
+    torch.testing.assert_close(u2, u.detach(), atol=1e-2, rtol=1e-2)
+
+
+def test_forward_mode_jvp_runs_in_training_mode():
+    net = _untrained_but_nontrivial(N.build("tiny").train())
+    x = torch.randn(2, 2, 8, 8)
+    t, r = torch.full((2,), 0.6), torch.full((2,), 0.1)
+    c = torch.tensor([1, 2])
+    u, dudt = torch.func.jvp(lambda a, b, d: net(a, b, d, c), (x, t, r), (x, torch.ones(2), torch.zeros(2)))
+    assert u.shape == dudt.shape == x.shape and torch.isfinite(dudt).all()
+
+
+def test_one_hot_and_null_class():
+    oh = N.one_hot(torch.tensor([2, -1, 0]), 4)
+    assert oh.tolist() == [[0, 0, 1, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    with pytest.raises(ValueError, match=r"\[-1, 3\]"):
+        N.one_hot(torch.tensor([4]), 4)
+    with pytest.raises(ValueError, match="shape"):
+        N.one_hot(torch.zeros(2, 3), 4)
+
+
+def test_unknown_preset_is_named():
+    with pytest.raises(KeyError, match="edm2-img64-q"):
+        N.build("edm2-img64-q")
+
+
+def test_label_embedding_scales_with_sqrt_label_dim():
+    # EDM2 multiplies one-hot labels by sqrt(label_dim) so the label embedding has unit variance
+    net = N.build("tiny").eval()
+    emb = net.unet.emb_label(N.one_hot(torch.arange(4), 4) * math.sqrt(4))
+    assert _var(emb) == pytest.approx(1.0, abs=0.5)
