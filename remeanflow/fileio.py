@@ -43,3 +43,18 @@ def _remove(p: Path) -> None:
         shutil.rmtree(p)
     elif p.exists() or p.is_symlink():
         p.unlink()
+
+
+def tree_checksum(path) -> str:
+    """sha256 over (relative path, file sha256) of every file under a directory, in sorted order.
+    Stable across machines for the same content; used for Zarr stores and other directory outputs."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def content_hash(path) -> str:
+    """sha256 of a file, or `tree_checksum` of a directory."""
+    return tree_checksum(path) if Path(path).is_dir() else sha256_file(path)

@@ -1,0 +1,17 @@
+# remeanflow: Re-MeanFlow (one-step generation by MeanFlow training of EDM2 on rectified
+# teacher couplings) as a Snakemake workflow. See README.md and DESIGN.md.
+
+
+configfile: "config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/dataset.smk"
+include: "rules/teacher.smk"
+include: "rules/couplings.smk"
+
+
+rule all:
+    input:
+        final_targets(),
+    default_target: True

@@ -1,0 +1,216 @@
+"""Provenance sidecars: `<output>.provenance.json` next to every artifact (DESIGN.md §6).
+
+A sidecar records what made the artifact: the rule and wildcards, the config subset the rule
+depends on (and its hash), every input with its content hash, the code version (git commit, dirty
+flag and a hash of the package sources), package versions, host, devices, times and seeds. Input
+hashes are taken from the input's own sidecar when it has one, so a 100 GB store is hashed once, by
+the rule that wrote it, and lineage can be followed sidecar to sidecar back to the raw archive.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import subprocess
+from pathlib import Path
+
+from .fileio import atomic_path, content_hash
+
+SUFFIX = ".provenance.json"
+FORMAT = "remeanflow-provenance-v1"
+PACKAGE_DIR = Path(__file__).resolve().parent
+_PACKAGES = ("torch", "numpy", "zarr", "snakemake", "accelerate", "scipy", "pillow", "pandas")
+
+
+def sidecar_path(artifact) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name.rstrip("/") + SUFFIX)
+
+
+def stable_hash(obj) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (config subsets, fingerprints)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+
+
+def code_hash(modules: list[str] | None = None) -> str:
+    """Hash of the package sources a rule uses (all of `remeanflow/` when `modules` is None).
+
+    Snakemake's code trigger does not see modules imported by a script (REFERENCE.md), so rules
+    pass this as a `params:` value: editing any listed module reruns exactly the rules using it.
+    """
+    if modules is None:
+        files = sorted(PACKAGE_DIR.rglob("*.py"))
+    else:
+        files = []
+        for name in modules:
+            target = PACKAGE_DIR / name.replace(".", "/")
+            found = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
+            missing = [f for f in found if not f.is_file()]
+            if missing or not found:
+                raise FileNotFoundError(f"code_hash: no module remeanflow.{name} ({target})")
+            files += found
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def git_state(repo=None) -> dict:
+    """Commit and dirty flag of the checkout that holds the package (None outside git)."""
+    repo = Path(repo or PACKAGE_DIR.parent)
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=30)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return {"commit": None, "dirty": None}
+    dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip() != ""
+    return {"commit": head.stdout.strip(), "dirty": dirty}
+
+
+def package_versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def devices() -> list[str]:
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a hard dependency
+        return []
+    if torch.cuda.is_available():
+        return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return [f"cpu ({os.cpu_count()} cores)"]
+
+
+def read(artifact) -> dict | None:
+    p = sidecar_path(artifact)
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def describe_input(path) -> dict:
+    """Path, content hash (from the input's own sidecar when present) and sidecar link."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"provenance: input {path} does not exist")
+    side = read(path)
+    if side is not None and side.get("output", {}).get("sha256"):
+        digest, source = side["output"]["sha256"], "sidecar"
+    else:
+        digest, source = content_hash(path), "computed"
+    entry = {"path": str(path), "sha256": digest, "hash_source": source}
+    if side is not None:
+        entry["provenance"] = str(sidecar_path(path))
+    return entry
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write(
+    artifact,
+    *,
+    rule: str,
+    config: dict,
+    inputs: dict[str, list[str]] | list[str] = (),
+    wildcards: dict | None = None,
+    seeds: dict | None = None,
+    started: str | None = None,
+    code_modules: list[str] | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """Write `<artifact>.provenance.json` for a finished artifact and return the record."""
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise FileNotFoundError(f"provenance: artifact {artifact} does not exist")
+    named = inputs if isinstance(inputs, dict) else {"input": list(inputs)}
+    record = {
+        "format": FORMAT,
+        "rule": rule,
+        "wildcards": dict(wildcards or {}),
+        "output": {"path": str(artifact), "sha256": content_hash(artifact), "kind": "dir" if artifact.is_dir() else "file"},
+        "config": config,
+        "config_hash": stable_hash(config),
+        "inputs": {name: [describe_input(p) for p in paths] for name, paths in named.items()},
+        "code": {**git_state(), "package_hash": code_hash(), "rule_code_hash": code_hash(code_modules) if code_modules else None},
+        "packages": package_versions(),
+        "host": socket.gethostname(),
+        "devices": devices(),
+        "started": started,
+        "finished": now(),
+        "seeds": dict(seeds or {}),
+        "extra": dict(extra or {}),
+    }
+    with atomic_path(sidecar_path(artifact)) as tmp:
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+    return record
+
+
+# -- lineage ------------------------------------------------------------------------------------
+
+
+def lineage(artifact, _seen=None) -> dict:
+    """Tree of sidecars from `artifact` back to artifacts without one (raw archives, user files)."""
+    _seen = set() if _seen is None else _seen
+    artifact = Path(artifact)
+    record = read(artifact)
+    node = {"path": str(artifact), "rule": None, "sha256": None, "inputs": []}
+    if record is None:
+        node["sha256"] = content_hash(artifact) if artifact.exists() else None
+        node["missing"] = not artifact.exists()
+        return node
+    node.update(rule=record["rule"], sha256=record["output"]["sha256"], config_hash=record["config_hash"],
+                commit=record["code"].get("commit"), dirty=record["code"].get("dirty"), finished=record.get("finished"))
+    key = str(artifact.resolve())
+    if key in _seen:
+        node["repeated"] = True
+        return node
+    _seen.add(key)
+    for name, entries in record["inputs"].items():
+        for entry in entries:
+            child = lineage(entry["path"], _seen)
+            child["role"] = name
+            child["recorded_sha256"] = entry["sha256"]
+            node["inputs"].append(child)
+    return node
+
+
+def verify(artifact) -> list[dict]:
+    """Re-hash every input of the lineage still on disk; list those whose content changed."""
+    changed = []
+
+    def walk(node):
+        for child in node["inputs"]:
+            path = Path(child["path"])
+            if path.exists():
+                now_hash = content_hash(path)
+                if now_hash != child["recorded_sha256"]:
+                    changed.append({"path": str(path), "recorded": child["recorded_sha256"], "now": now_hash})
+            walk(child)
+
+    walk(lineage(artifact))
+    return changed
+
+
+def format_tree(node, indent: str = "") -> str:
+    label = f"{node['path']}  [{node['rule'] or 'source'}]  sha256 {str(node.get('sha256'))[:12]}"
+    if node.get("commit"):
+        label += f"  commit {node['commit'][:10]}{'+dirty' if node.get('dirty') else ''}"
+    if node.get("missing"):
+        label += "  (missing)"
+    lines = [indent + label]
+    for child in node["inputs"]:
+        lines.append(format_tree(child, indent + "    "))
+    return "\n".join(lines)

@@ -1,0 +1,85 @@
+"""Glue between Snakemake `script:` entry points and the library.
+
+Every workflow script is `with step(snakemake) as s: <call one library function>`. The context
+manager sends logging to the rule's log file, times the step, and on success writes a provenance
+sidecar for every output; on failure it writes nothing (outputs are created atomically by the
+library, so Snakemake sees no complete-looking file either).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import provenance
+
+log = logging.getLogger("remeanflow")
+
+
+def _named(namedlist) -> dict[str, list[str]]:
+    """Snakemake Namedlist -> {name: [paths]}; unnamed entries go under 'input'."""
+    out: dict[str, list[str]] = {}
+    named_paths = set()
+    for name, value in namedlist.items():
+        paths = [str(v) for v in (value if isinstance(value, list) else [value])]
+        out[name] = paths
+        named_paths.update(paths)
+    rest = [str(p) for p in namedlist if str(p) not in named_paths]
+    if rest:
+        out.setdefault("input", []).extend(rest)
+    return out
+
+
+def setup_logging(log_file=None, level=logging.INFO) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
+
+
+@dataclass
+class StepContext:
+    smk: object
+    config: dict
+    seeds: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def params(self):
+        return self.smk.params
+
+    @property
+    def threads(self) -> int:
+        return int(getattr(self.smk, "threads", 1) or 1)
+
+
+@contextlib.contextmanager
+def step(smk, *, config: dict | None = None, seeds: dict | None = None, code_modules: list[str] | None = None,
+         outputs: list[str] | None = None):
+    """Run one rule's body with logging, timing and provenance.
+
+    `config` is the config subset the rule depends on (default: `params.cfg`); `outputs` limits
+    which outputs get sidecars (default: all).
+    """
+    setup_logging(smk.log[0] if len(smk.log) else None)
+    cfg = config if config is not None else dict(getattr(smk.params, "cfg", {}) or {})
+    ctx = StepContext(smk=smk, config=cfg, seeds=dict(seeds or {}))
+    started, t0 = provenance.now(), time.time()
+    log.info("rule %s started; outputs: %s", smk.rule, list(smk.output))
+    try:
+        yield ctx
+    except Exception:
+        log.exception("rule %s failed", smk.rule)
+        raise
+    ctx.extra.setdefault("seconds", round(time.time() - t0, 3))
+    for out in outputs if outputs is not None else list(smk.output):
+        provenance.write(
+            out, rule=smk.rule, config=ctx.config, inputs=_named(smk.input), wildcards=dict(smk.wildcards.items()),
+            seeds=ctx.seeds, started=started, code_modules=code_modules, extra=ctx.extra,
+        )
+    log.info("rule %s finished in %.1f s", smk.rule, time.time() - t0)

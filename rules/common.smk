@@ -1,0 +1,42 @@
+# Shared helpers: config validation, run paths, per-rule resources and code versions.
+import shlex
+import sys
+from pathlib import Path
+
+from remeanflow import config as rmf_config
+from remeanflow import provenance as rmf_prov
+
+rmf_config.validate(config)
+
+RUN = f"{config['results_dir']}/{config['run_name']}"
+PYTHON = shlex.quote(sys.executable)
+
+
+def res(group, key):
+    return rmf_config.rule_resources(config, group)[key]
+
+
+def code(*modules):
+    """Hash of the library modules a rule runs; a params value, so editing them reruns the rule."""
+    return rmf_prov.code_hash(list(modules))
+
+
+def shards(n):
+    return [f"{i:05d}" for i in range(n)]
+
+
+def dataset_archive():
+    return f"{RUN}/data/raw/{config['dataset']['archive_name']}"
+
+
+def dataset_source():
+    """The toy archive (made by `toy_source`) through file://, or the configured source."""
+    if config["dataset"]["toy"] is not None:
+        return f"file://{Path(RUN).resolve()}/source/{config['dataset']['archive_name']}"
+    if not config["dataset"]["source"]:
+        raise ValueError("config key dataset.source must be set when dataset.toy is null")
+    return config["dataset"]["source"]
+
+
+def final_targets():
+    return [f"{RUN}/reflow/manifest.json"]

@@ -1,0 +1,8 @@
+"""Rule toy_source: write the deterministic toy ImageNet-style archive (embedded default only)."""
+
+from remeanflow.data.toy import write_toy_archive
+from remeanflow.workflow import step
+
+with step(snakemake) as s:  # noqa: F821 - injected by Snakemake
+    s.extra["summary"] = write_toy_archive(snakemake.output[0], **s.config, progress=True)  # noqa: F821
+    s.seeds["toy"] = s.config["seed"]

@@ -1,0 +1,20 @@
+"""Rule train_teacher: train the toy EDM2 teacher and keep an early EMA snapshot as the guide."""
+
+import torch
+
+from remeanflow.data.preprocess import load_images
+from remeanflow.teacher import train_teacher
+from remeanflow.workflow import step
+
+with step(snakemake, outputs=[snakemake.output.main, snakemake.output.guide]) as s:  # noqa: F821
+    torch.set_num_threads(s.threads)
+    images, labels = load_images(snakemake.input.images)  # noqa: F821
+    cfg = dict(s.config)
+    seed = cfg.pop("seed")
+    s.seeds["teacher"] = seed
+    s.extra["summary"] = train_teacher(
+        images, labels, **cfg, seed=seed, net_kwargs={"label_dim": int(labels.max()) + 1},
+        out_main=snakemake.output.main, out_guide=snakemake.output.guide,  # noqa: F821
+        metrics_csv=snakemake.output.metrics,  # noqa: F821
+        device="cuda" if torch.cuda.is_available() else "cpu",
+    )
