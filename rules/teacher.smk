@@ -12,7 +12,7 @@ if config["teacher"]["mode"] == "train":
             guide=f"{RUN}/teacher/guide.pt",
             metrics=f"{RUN}/teacher/metrics.csv",
         params:
-            cfg={**config["teacher"]["train"], "seed": config["seed"]},
+            cfg={**config["teacher"]["train"], "seed": config["seed"], "resolution": config["dataset"]["resolution"]},
             code=code("networks", "teacher", "checkpoints"),
         log:
             f"{RUN}/logs/train_teacher.log",
