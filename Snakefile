@@ -1,8 +1,9 @@
 # remeanflow: Re-MeanFlow (one-step generation by MeanFlow training of EDM2 on rectified
 # teacher couplings) as a Snakemake workflow. See README.md and DESIGN.md.
+import os
 
 
-configfile: "config.yaml"
+configfile: os.path.join(workflow.basedir, "config.yaml")
 
 
 include: "rules/common.smk"
@@ -12,6 +13,6 @@ include: "rules/couplings.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

@@ -32,9 +32,13 @@ def dataset_archive():
 def dataset_source():
     """The toy archive (made by `toy_source`) through file://, or the configured source."""
     if config["dataset"]["toy"] is not None:
-        return f"file://{Path(RUN).resolve()}/source/{config['dataset']['archive_name']}"
+        return (
+            f"file://{Path(RUN).resolve()}/source/{config['dataset']['archive_name']}"
+        )
     if not config["dataset"]["source"]:
-        raise ValueError("config key dataset.source must be set when dataset.toy is null")
+        raise ValueError(
+            "config key dataset.source must be set when dataset.toy is null"
+        )
     return config["dataset"]["source"]
 
 

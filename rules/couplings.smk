@@ -7,17 +7,23 @@ rule reflow_index:
         images=f"{RUN}/data/images.zarr",
     output:
         directory(f"{RUN}/reflow/index.zarr"),
-    params:
-        cfg={**{k: config["couplings"][k] for k in ("index_mode", "passes", "num_samples")}, "seed": config["seed"]},
-        code=code("reflow_index"),
     log:
         f"{RUN}/logs/reflow_index.log",
+    conda:
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
-    conda:
-        "../envs/data.yaml"
+    params:
+        cfg={
+            **{
+                k: config["couplings"][k]
+                for k in ("index_mode", "passes", "num_samples")
+            },
+            "seed": config["seed"],
+        },
+        code=code("reflow_index"),
     script:
         "../workflow_scripts/reflow_index.py"
 
@@ -29,21 +35,21 @@ rule couplings_shard:
         guide=f"{RUN}/teacher/guide.pt",
     output:
         directory(f"{RUN}/reflow/couplings/shard-{{shard}}.zarr"),
-    params:
-        cfg={**config["couplings"], "seed": config["seed"]},
-        work=lambda wc: f"{RUN}/reflow/work/shard-{wc.shard}.zarr",
-        code=code("coupling_job", "couplings", "sampling", "networks", "checkpoints"),
     log:
         f"{RUN}/logs/couplings_shard/{{shard}}.log",
     benchmark:
         f"{RUN}/benchmarks/couplings_shard/{{shard}}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: res("couplings", "threads")
     resources:
         mem_mb=res("couplings", "mem_mb"),
         runtime=res("couplings", "runtime"),
         gpu=res("couplings", "gpu"),
-    conda:
-        "../envs/torch.yaml"
+    params:
+        cfg={**config["couplings"], "seed": config["seed"]},
+        work=lambda wc: f"{RUN}/reflow/work/shard-{wc.shard}.zarr",
+        code=code("coupling_job", "couplings", "sampling", "networks", "checkpoints"),
     script:
         "../workflow_scripts/couplings_shard.py"
 
@@ -51,21 +57,27 @@ rule couplings_shard:
 rule couplings_merge:
     input:
         index=f"{RUN}/reflow/index.zarr",
-        shards=expand(f"{RUN}/reflow/couplings/shard-{{shard}}.zarr", shard=shards(config["couplings"]["num_shards"])),
+        shards=expand(
+            f"{RUN}/reflow/couplings/shard-{{shard}}.zarr",
+            shard=shards(config["couplings"]["num_shards"]),
+        ),
     output:
         f"{RUN}/reflow/manifest.json",
-    params:
-        cfg={k: config["couplings"][k] for k in ("truncation_quantile", "fixed_threshold")},
-        code=code("couplings"),
     log:
         f"{RUN}/logs/couplings_merge.log",
     benchmark:
         f"{RUN}/benchmarks/couplings_merge.tsv"
+    conda:
+        "../envs/data.yaml"
     threads: 1
     resources:
         mem_mb=res("couplings", "mem_mb"),
         runtime=res("couplings", "runtime"),
-    conda:
-        "../envs/data.yaml"
+    params:
+        cfg={
+            k: config["couplings"][k]
+            for k in ("truncation_quantile", "fixed_threshold")
+        },
+        code=code("couplings"),
     script:
         "../workflow_scripts/couplings_merge.py"

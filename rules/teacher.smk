@@ -11,20 +11,24 @@ if config["teacher"]["mode"] == "train":
             main=f"{RUN}/teacher/net.pt",
             guide=f"{RUN}/teacher/guide.pt",
             metrics=f"{RUN}/teacher/metrics.csv",
-        params:
-            cfg={**config["teacher"]["train"], "seed": config["seed"], "resolution": config["dataset"]["resolution"]},
-            code=code("networks", "teacher", "checkpoints"),
         log:
             f"{RUN}/logs/train_teacher.log",
         benchmark:
             f"{RUN}/benchmarks/train_teacher.tsv"
+        conda:
+            "../envs/torch.yaml"
         threads: res("teacher", "threads")
         resources:
             mem_mb=res("teacher", "mem_mb"),
             runtime=res("teacher", "runtime"),
             gpu=res("teacher", "gpu"),
-        conda:
-            "../envs/torch.yaml"
+        params:
+            cfg={
+                **config["teacher"]["train"],
+                "seed": config["seed"],
+                "resolution": config["dataset"]["resolution"],
+            },
+            code=code("networks", "teacher", "checkpoints"),
         script:
             "../workflow_scripts/train_teacher.py"
 
@@ -36,18 +40,18 @@ else:
             guide=f"{RUN}/teacher/guide.pt",
             main_pkl=f"{RUN}/teacher/raw/main.pkl",
             guide_pkl=f"{RUN}/teacher/raw/guide.pkl",
-        params:
-            cfg=config["teacher"]["fetch"],
-            code=code("networks", "edm2_pickle", "checkpoints", "data.download"),
         log:
             f"{RUN}/logs/fetch_teacher.log",
         benchmark:
             f"{RUN}/benchmarks/fetch_teacher.tsv"
+        conda:
+            "../envs/torch.yaml"
         threads: 1
         resources:
             mem_mb=res("teacher", "mem_mb"),
             runtime=res("teacher", "runtime"),
-        conda:
-            "../envs/torch.yaml"
+        params:
+            cfg=config["teacher"]["fetch"],
+            code=code("networks", "edm2_pickle", "checkpoints", "data.download"),
         script:
             "../workflow_scripts/fetch_teacher.py"

@@ -1,0 +1,271 @@
+"""The data half of the DAG, run by real Snakemake: outputs, provenance, shard invariance,
+kill-and-resume, bad inputs, dry runs of the presets, lint and formatting."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+import zarr
+
+from conftest import REPO, TINY, deep_update, run_snakemake, snakemake_cmd, write_config
+from remeanflow import provenance
+from remeanflow.couplings import completion_mask, open_couplings, verify_shard
+
+pytestmark = pytest.mark.slow
+
+
+def _couplings_by_id(manifest: Path) -> dict[str, np.ndarray]:
+    reader = open_couplings(manifest)
+    parts = [reader.read_chunk(i) for i in range(reader.num_chunks)]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(out["sample_id"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def _job_counts(stdout: str) -> dict[str, int]:
+    table = stdout.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_tiny_pipeline_outputs_and_provenance(tiny_run):
+    _, _, run = tiny_run
+    manifest = json.loads((run / "reflow" / "manifest.json").read_text())
+    assert manifest["total"] == 4 * 12  # passes=1 over 48 images
+    assert len(manifest["shards"]) == 2
+    trunc = manifest["truncation"]
+    assert trunc["kept"] + trunc["dropped"] == 48 and 0 < trunc["dropped"] <= 5
+    for shard in sorted((run / "reflow" / "couplings").glob("shard-*.zarr")):
+        verify_shard(shard, index_store=run / "reflow" / "index.zarr")
+    assert not list((run / "reflow" / "work").glob("*")), "finished shards must leave the scratch area"
+
+    # every output of every rule has a sidecar, and lineage reaches the archive and the teacher
+    for out in ["source/toy_train.tar", "data/raw/toy_train.tar", "data/parts/part-00000.zarr", "data/images.zarr",
+                "data/labels.csv", "teacher/net.pt", "teacher/guide.pt", "reflow/index.zarr",
+                "reflow/couplings/shard-00001.zarr", "reflow/manifest.json"]:
+        assert provenance.sidecar_path(run / out).is_file(), out
+    tree = provenance.lineage(run / "reflow" / "manifest.json")
+    flat = []
+
+    def walk(node):
+        flat.append(node)
+        for child in node["inputs"]:
+            walk(child)
+
+    walk(tree)
+    archive = run / "data" / "raw" / "toy_train.tar"
+    archive_sha = (archive.parent / "toy_train.tar.sha256").read_text().split()[0]
+    assert any(n["path"].endswith("data/raw/toy_train.tar") and n["sha256"] == archive_sha for n in flat)
+    teacher_sha = (run / "teacher" / "net.pt.sha256").read_text().split()[0]
+    assert any(n["path"].endswith("teacher/net.pt") and n["sha256"] == teacher_sha for n in flat)
+    assert manifest["fingerprint"]["teacher_sha256"] == teacher_sha
+    side = provenance.read(run / "reflow" / "manifest.json")
+    assert side["rule"] == "couplings_merge" and side["config"]["truncation_quantile"] == 0.9
+    assert side["code"]["package_hash"] and "torch" in side["packages"]
+
+
+def test_provenance_cli_and_verify(tiny_run, tmp_path):
+    _, _, run = tiny_run
+    target = run / "reflow" / "index.zarr"
+    out = subprocess.run([sys.executable, "-m", "remeanflow", "provenance", str(target), "--verify"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "toy_train.tar" in out.stdout and "[download_dataset]" in out.stdout and "unchanged" in out.stdout
+    # a modified input is flagged (on a copy, so other tests keep the original)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    for side in copy.rglob("*.provenance.json"):
+        side.write_text(side.read_text().replace(str(run), str(copy)))
+    labels = copy / "data" / "labels.csv"
+    labels.write_text(labels.read_text() + "\n")
+    out = subprocess.run([sys.executable, "-m", "remeanflow", "provenance", str(copy / "reflow" / "index.zarr"),
+                          "--verify", "--json"], capture_output=True, text=True)
+    assert out.returncode == 1
+    changed = json.loads(out.stdout)["changed"]
+    assert [c["path"] for c in changed] == [str(labels)] or str(labels) in [c["path"] for c in changed]
+
+
+def _reuse_upstream(src_run: Path, workdir: Path, run_name: str) -> Path:
+    """Copy dataset and teacher of a finished run, so a second run only redoes the couplings."""
+    dst = workdir / "results" / run_name
+    for part in ("source", "data", "teacher"):
+        shutil.copytree(src_run / part, dst / part)
+    for side in dst.rglob("*.provenance.json"):
+        side.write_text(side.read_text().replace(str(src_run), str(dst)))
+    return dst
+
+
+def test_couplings_do_not_depend_on_the_number_of_shards(tiny_run, tmp_path):
+    _, _, run = tiny_run
+    dst = _reuse_upstream(run, tmp_path, "three")
+    cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3}})
+    planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n")))
+    assert "train_teacher" not in planned and "preprocess_shard" not in planned, planned
+    run_snakemake(tmp_path, cfg)
+    assert len(list((dst / "reflow" / "couplings").glob("shard-*.zarr"))) == 3
+    two = _couplings_by_id(run / "reflow" / "manifest.json")
+    three = _couplings_by_id(dst / "reflow" / "manifest.json")
+    for key in ("sample_id", "label", "noise", "endpoint"):
+        assert np.array_equal(two[key], three[key]), key
+
+
+def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
+    _, _, run = tiny_run
+    dst = _reuse_upstream(run, tmp_path, "killed")
+    # slow chunks (more Heun steps, small batches) so the job can be caught mid-shard
+    over = {"run_name": "killed", "couplings": {"num_shards": 1, "batch": 2, "heun_steps": 60}}
+    cfg = write_config(tmp_path, over)
+    work = dst / "reflow" / "work" / "shard-00000.zarr"
+    proc = subprocess.Popen(snakemake_cmd(tmp_path, cfg), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if (work / "zarr.json").exists():
+                try:
+                    done = completion_mask(work)
+                except Exception:  # store still being created
+                    done = np.zeros(1, bool)
+                if 2 <= done.sum() < done.size - 2:
+                    break
+            if proc.poll() is not None:
+                pytest.fail("the couplings job finished before it could be killed; make chunks slower")
+            time.sleep(0.05)
+        else:
+            pytest.fail("no chunk finished in time")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    partial = completion_mask(work)
+    assert 0 < partial.sum() < partial.size
+    assert not (dst / "reflow" / "manifest.json").exists()
+
+    run_snakemake(tmp_path, cfg, "--rerun-incomplete")
+    reference_dir = tmp_path / "ref"
+    reference_dir.mkdir()
+    _reuse_upstream(run, reference_dir, "killed")
+    run_snakemake(reference_dir, write_config(reference_dir, over))
+    resumed = _couplings_by_id(dst / "reflow" / "manifest.json")
+    uninterrupted = _couplings_by_id(reference_dir / "results" / "killed" / "reflow" / "manifest.json")
+    for key in ("sample_id", "label", "noise", "endpoint"):
+        assert np.array_equal(resumed[key], uninterrupted[key]), key
+
+
+# -- bad inputs --------------------------------------------------------------------------------
+
+
+def _run_on_archive(tmp_path: Path, archive: Path, **dataset) -> subprocess.CompletedProcess:
+    over = {"run_name": "bad", "dataset": {"toy": None, "source": str(archive), "archive_name": "train.tar", **dataset}}
+    return run_snakemake(tmp_path, write_config(tmp_path, over), check=False)
+
+
+def test_checksum_mismatch_fails_without_output(tiny_run, tmp_path):
+    _, _, run = tiny_run
+    proc = _run_on_archive(tmp_path, run / "data" / "raw" / "toy_train.tar", sha256="0" * 64)
+    assert proc.returncode != 0
+    assert "sha256" in (proc.stdout + proc.stderr).lower()
+    assert not (tmp_path / "results" / "bad" / "data" / "raw" / "train.tar").exists()
+
+
+def test_truncated_archive_fails_without_output(tiny_run, tmp_path):
+    _, _, run = tiny_run
+    data = (run / "data" / "raw" / "toy_train.tar").read_bytes()
+    bad = tmp_path / "truncated.tar"
+    bad.write_bytes(data[: len(data) // 2])
+    proc = _run_on_archive(tmp_path, bad)
+    assert proc.returncode != 0
+    log = "".join(p.read_text() for p in (tmp_path / "results" / "bad" / "logs").rglob("*.log"))
+    assert "truncated" in (log + proc.stderr).lower() or "archive" in (log + proc.stderr).lower()
+    assert not (tmp_path / "results" / "bad" / "data" / "images.zarr").exists()
+    assert not list((tmp_path / "results" / "bad" / "data").glob("parts/*.zarr"))
+
+
+def test_path_traversal_member_is_rejected(tmp_path):
+    bad = tmp_path / "evil.tar"
+    with tarfile.open(bad, "w") as tar:
+        payload = tmp_path / "x"
+        payload.write_bytes(b"not an image")
+        tar.add(payload, arcname="../n01000000.tar")
+    proc = _run_on_archive(tmp_path, bad)
+    assert proc.returncode != 0
+    assert not (tmp_path / "results" / "bad" / "data" / "images.zarr").exists()
+
+
+def test_misspelled_or_mistyped_config_key_is_named(tmp_path):
+    cfg = write_config(tmp_path, {"couplings": {"num_shard": 3}, "teacher": {"train": {"steps": "many"}}})
+    proc = run_snakemake(tmp_path, cfg, "-n", check=False)
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    assert "couplings.num_shard" in text and "teacher.train.steps" in text
+
+
+# -- DAG shape, lint, formatting ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["imagenet64", "imagenet512"])
+@pytest.mark.parametrize("num_shards", [64, 7])
+def test_preset_dry_run_shows_the_full_sharded_dag(preset, num_shards, tmp_path):
+    extra = tmp_path / "shards.yaml"
+    extra.write_text(yaml.safe_dump({"couplings": {"num_shards": num_shards}}))
+    proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"), str(extra))
+    counts = _job_counts(proc.stdout + proc.stderr)
+    assert counts["couplings_shard"] == num_shards
+    assert counts["preprocess_shard"] == 20
+    for rule in ("download_dataset", "fetch_teacher", "preprocess_merge", "reflow_index", "couplings_merge"):
+        assert counts[rule] == 1, rule
+    assert "train_teacher" not in counts and "toy_source" not in counts
+    assert not (tmp_path / "results").exists(), "a dry run must not download or write anything"
+
+
+def test_changing_a_sampler_setting_reruns_couplings_only(tiny_run):
+    workdir, cfg, _ = tiny_run
+    changed = write_config(workdir, {"couplings": {"guidance": 1.3}})
+    proc = run_snakemake(workdir, changed, "-n")
+    counts = _job_counts(proc.stdout + proc.stderr)
+    assert counts.get("couplings_shard") == 2 and counts.get("couplings_merge") == 1
+    for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index"):
+        assert upstream not in counts
+    write_config(workdir)  # restore for other tests
+
+
+def test_snakemake_lint_has_no_findings(tmp_path):
+    proc = run_snakemake(tmp_path, None, "--lint", check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_snakefmt_check_passes():
+    files = [str(REPO / "Snakefile"), *map(str, sorted((REPO / "rules").glob("*.smk")))]
+    proc = subprocess.run([sys.executable, "-m", "snakefmt", "--check", *files], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_conda_envs_name_the_packages_of_pyproject():
+    import tomllib
+
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
+    conda_alias = {"torch": "pytorch"}
+    envs = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "envs").glob("*.yaml")}
+    listed = set()
+    for env in envs.values():
+        for dep in env["dependencies"]:
+            if isinstance(dep, str):
+                listed.add(re.split(r"[<>=!~ ]", dep)[0].lower())
+    for name in names - {"snakemake"}:  # snakemake runs the envs, it is not installed into them
+        assert conda_alias.get(name, name) in listed, f"{name} from pyproject.toml is in no envs/*.yaml"
+    for name in listed - {"python", "pip"}:
+        assert {v: k for k, v in conda_alias.items()}.get(name, name) in names, f"{name} is not a pyproject dependency"
