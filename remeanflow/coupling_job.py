@@ -20,6 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoints, couplings, sampling
@@ -45,6 +46,8 @@ def fingerprint(teacher, guide, cfg: dict, seed: int) -> dict:
         "sampler": {k: cfg[k] for k in SAMPLER_KEYS},
         "seed": int(seed),
         "precision": "bf16-autocast" if torch.cuda.is_available() else "fp32",
+        # numpy does not promise identical standard_normal streams across versions (sampling.py)
+        "noise": {"generator": "numpy Philox(key=[sample_id, seed]) stream 0", "numpy": np.__version__},
     }
 
 

@@ -1,9 +1,8 @@
 """Samplers and per-sample deterministic randomness.
 
 * `edm_heun`: the teacher's deterministic probability-flow ODE solver (EDM, Karras et al. 2022,
-  Alg. 1 with S_churn = 0) with optional autoguidance (EDM2 autoguidance, Karras et al. 2024,
-  "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1). It makes the Re-MeanFlow
-  couplings (noise n, endpoint x).
+  Alg. 1 with S_churn = 0) with optional autoguidance (Karras et al. 2024, "Guiding a Diffusion
+  Model with a Bad Version of Itself"). It makes the Re-MeanFlow couplings (noise n, endpoint x).
 * `one_step` / `meanflow_sample`: sampling with a MeanFlow average-velocity net u(x_t, t, r | c)
   (Re-MeanFlow, arXiv 2511.23342); flow convention x_t = (1-t) x + t n, data at t=0, noise at t=1.
 * `per_sample_noise` / `per_sample_labels`: randomness keyed by (seed, sample id) so that a
@@ -42,9 +41,13 @@ def karras_sigmas(num_steps: int, sigma_min: float = 0.002, sigma_max: float = 8
     return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).to(torch.float32)
 
 
-def _check_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> None:
+def _check_num_steps(num_steps: int) -> None:
     if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+
+
+def _check_schedule(num_steps: int, sigma_min: float, sigma_max: float, rho: float) -> None:
+    _check_num_steps(num_steps)
     if not 0 < sigma_min < sigma_max:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
     if not rho > 0:
@@ -73,8 +76,8 @@ def _per_sample(value, x: torch.Tensor) -> torch.Tensor:
 
 
 def guided_denoiser(net, guide=None, guidance: float = 1.0) -> Callable:
-    """D(x; sigma, c) with autoguidance D = D_guide + w (D_main - D_guide) (Karras et al. 2024,
-    Eq. 1). With no guide or w = 1 the guide would cancel, so only the main net is evaluated."""
+    """D(x; sigma, c) with autoguidance D = D_guide + w (D_main - D_guide) (Karras et al. 2024).
+    With no guide or w = 1 the guide would cancel, so only the main net is evaluated."""
     if guide is None and guidance != 1:
         raise ValueError(f"guidance={guidance} needs a guide network; pass guide=... or guidance=1")
 
@@ -122,7 +125,7 @@ def edm_heun(
 
 
 def _heun_step(denoise: Callable, x: torch.Tensor, sigma: float, sigma_next: float, labels) -> torch.Tensor:
-    """One step of EDM Alg. 1 (lines 4-8) from sigma to sigma_next."""
+    """One step of EDM Alg. 1 from sigma to sigma_next: Euler, then the trapezoidal correction."""
     D = denoise(x, _per_sample(sigma, x), labels)
     if sigma_next == 0:
         # Euler to sigma = 0 lands exactly on D(x; sigma); writing it so avoids the roundoff of
@@ -143,15 +146,14 @@ def _heun_step(denoise: Callable, x: torch.Tensor, sigma: float, sigma_next: flo
 def meanflow_sample(
     net, noise: torch.Tensor, labels: torch.Tensor | None, num_steps: int = 1, t_max: float = T_MAX
 ) -> torch.Tensor:
-    """K-step sampling with the average velocity u(x_t, t, r | c) (MeanFlow: z_r = z_t - (t - r) u,
-    Geng et al. 2025, Eq. 11), on the grid t_k = 1 - k/K, k = 0..K.
+    """K-step sampling with the average velocity u(x_t, t, r | c) (MeanFlow, Geng et al. 2025:
+    z_r = z_t - (t - r) u(z_t, t, r)), on the grid t_k = 1 - k/K, k = 0..K.
 
     Noise sits at t = 1, but the net is queried at min(t_k, t_max): t_max = 80/81 is sigma = 80,
     the largest noise level the teacher (and hence u) was trained on. The step length stays
     t_k - t_{k+1}, so K = 1 is exactly x = n - u(n, t_max, 0 | c) (`one_step`).
     """
-    if not isinstance(num_steps, (int, np.integer)) or isinstance(num_steps, bool) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+    _check_num_steps(num_steps)
     if not 0 < t_max <= 1:
         raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
     _check_batch(noise, labels)
