@@ -59,3 +59,4 @@ def load_net(path, map_location="cpu") -> dict:
         raise ValueError(f"{path}: state_dict does not match init_kwargs (missing {missing}, unexpected {unexpected})")
     net.eval().requires_grad_(False)
     return dict(net=net, init_kwargs=obj["init_kwargs"], encoder=obj["encoder"], meta=obj["meta"])
+from .edm2_pickle import load_edm2_pickle  # noqa: E402,F401
