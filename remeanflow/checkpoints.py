@@ -19,8 +19,8 @@ FORMAT = "remeanflow-net-v1"
 
 def atomic_torch_save(obj, path) -> None:
     """torch.save through a temporary file and rename, so a killed job never leaves a torn file."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)  # a file object, not a path: torch names zip records after a path
 
 
 def _plain(value):

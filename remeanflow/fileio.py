@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -45,12 +46,26 @@ def _remove(p: Path) -> None:
         p.unlink()
 
 
+# Files that are not content: Snakemake touches `.snakemake_timestamp` in every directory()
+# output after the job; Zarr's local store writes through `*.partial` temporaries that a killed
+# writer may leave behind.
+_NOT_CONTENT = {".snakemake_timestamp"}
+_NOT_CONTENT_SUFFIX = ".partial"
+
+
+def json_sha256(obj) -> str:
+    """sha256 of the canonical JSON of `obj` (sorted keys, no whitespace, no NaN/inf)."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def tree_checksum(path) -> str:
     """sha256 over (relative path, file sha256) of every file under a directory, in sorted order.
     Stable across machines for the same content; used for Zarr stores and other directory outputs."""
     root = Path(path)
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+    files = (q for q in root.rglob("*") if q.is_file())
+    for p in sorted(q for q in files if q.name not in _NOT_CONTENT and not q.name.endswith(_NOT_CONTENT_SUFFIX)):
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 

@@ -199,6 +199,9 @@ def cfg_target(
     return torch.where(_per_sample(null, v), v, v_hat)
 
 
+JVP_MODES = ("forward", "forward-fused", "autograd")
+
+
 def jvp_t(
     model_fn: ModelFn,
     x_t: torch.Tensor,
@@ -207,6 +210,7 @@ def jvp_t(
     labels: torch.Tensor | None,
     v_hat: torch.Tensor,
     jvp: str = "forward",
+    tangent_fn: ModelFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, du/dt): u(x_t, t, r | c) and its total derivative along (v_hat, 1, 0) (MeanFlow Eq. 8).
 
@@ -214,22 +218,34 @@ def jvp_t(
     target). r is held fixed rather than carried with a zero tangent: same derivative, no dual
     numbers through the r embedding.
 
-    jvp="forward": `torch.func.jvp` (forward-mode AD, one pass). It needs a functional forward,
-    which is why forced weight normalisation is `Precond.normalize_weights_()`, outside it.
+    jvp="forward": u from an ordinary forward of `model_fn`, du/dt from `torch.func.jvp` of
+    `tangent_fn` (default `model_fn`) under no_grad. Since du/dt needs no graph, the tangent pass
+    records nothing for backward: one extra primal forward buys the smallest peak memory, and
+    the gradient path is a plain forward, so a DDP wrapper passed as `model_fn` still
+    synchronises gradients while its unwrapped module serves as `tangent_fn`.
+    jvp="forward-fused": u and du/dt from one `torch.func.jvp` of `model_fn` with autograd on.
+    Fewer FLOPs, but autograd also records the tangent computation (time and memory).
     jvp="autograd": `torch.autograd.functional.jvp(create_graph=True)`, the official choice
-    (double-backward trick, roughly three passes); kept as the reference path.
+    (double-backward trick); kept as the reference path.
+
+    Both forward modes need a functional forward, which is why forced weight normalisation is
+    `Precond.normalize_weights_()`, outside it.
     """
 
-    def u_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return model_fn(x_t, t, r, labels)
+    def along(fn: ModelFn) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        return lambda x_t, t: fn(x_t, t, r, labels)
 
     primals, tangents = (x_t, t), (v_hat, torch.ones_like(t))
     if jvp == "forward":
-        u, dudt = torch.func.jvp(u_fn, primals, tangents)
+        u = model_fn(x_t, t, r, labels)
+        with torch.no_grad():
+            _, dudt = torch.func.jvp(along(tangent_fn if tangent_fn is not None else model_fn), primals, tangents)
+    elif jvp == "forward-fused":
+        u, dudt = torch.func.jvp(along(model_fn), primals, tangents)
     elif jvp == "autograd":
-        u, dudt = torch.autograd.functional.jvp(u_fn, primals, tangents, create_graph=True)
+        u, dudt = torch.autograd.functional.jvp(along(model_fn), primals, tangents, create_graph=True)
     else:
-        raise ValueError(f"jvp must be 'forward' or 'autograd', got {jvp!r}")
+        raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
     return u, dudt.detach()
 
 
@@ -247,6 +263,7 @@ def meanflow_loss_terms(
     c: float = 1e-2,
     jvp: str = "forward",
     model_fn: ModelFn | None = None,
+    tangent_fn: ModelFn | None = None,
 ) -> MeanFlowTerms:
     """MeanFlow loss of one batch of couplings (x, noise) with times (t, r); see `meanflow_loss`."""
     model_fn = model_fn if model_fn is not None else net
@@ -263,7 +280,7 @@ def meanflow_loss_terms(
     else:
         v_hat = cfg_target(model_fn, x_t, t, v, labels, w, w_pi)
 
-    u, dudt = jvp_t(model_fn, x_t, t, r, labels, v_hat, jvp)
+    u, dudt = jvp_t(model_fn, x_t, t, r, labels, v_hat, jvp, tangent_fn)
     u_tgt = v_hat - (t_ - r_) * dudt  # MeanFlow Eq. 10
     error = u - u_tgt.detach()
 
@@ -287,6 +304,7 @@ def meanflow_loss(
     c: float = 1e-2,
     jvp: str = "forward",
     model_fn: ModelFn | None = None,
+    tangent_fn: ModelFn | None = None,
 ) -> torch.Tensor:
     """Scalar MeanFlow loss (MeanFlow Alg. 1 with Re-MeanFlow's targets), deterministic given its inputs.
 
@@ -299,10 +317,14 @@ def meanflow_loss(
     (x_t, t, r) -> u(x_t, t, r | c) along (v_hat, 1, 0); u_tgt = v_hat - (t - r)·du/dt;
     e = mean over C,H,W of (u - sg(u_tgt))^2; loss = mean(e / sg((e + c)^p)).
 
-    The network's forward must not mutate parameters: call `net.normalize_weights_()` before
-    the step. `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a
-    DDP-wrapped model's forward, so gradient synchronisation is not bypassed).
+    jvp selects how du/dt is computed (`jvp_t`): "forward" (default, graph-free forward-mode
+    tangent), "forward-fused" or "autograd" (the official reference). The network's forward
+    must not mutate parameters: call `net.normalize_weights_()` before the step.
+    `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a DDP-wrapped
+    model, so gradient synchronisation is not bypassed); `tangent_fn`, if given, is used for the
+    no-grad forward-mode tangent instead (e.g. that model's unwrapped module, which
+    `torch.func.jvp` can trace).
     """
     return meanflow_loss_terms(
-        net, x, noise, labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp, model_fn=model_fn
+        net, x, noise, labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp, model_fn=model_fn, tangent_fn=tangent_fn
     ).loss

@@ -19,7 +19,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .fileio import atomic_path, content_hash
+from .fileio import atomic_path, content_hash, json_sha256
 
 SUFFIX = ".provenance.json"
 FORMAT = "remeanflow-provenance-v1"
@@ -34,7 +34,7 @@ def sidecar_path(artifact) -> Path:
 
 def stable_hash(obj) -> str:
     """sha256 of a JSON-serialisable object with sorted keys (config subsets, fingerprints)."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()
+    return json_sha256(obj)
 
 
 def code_hash(modules: list[str] | None = None) -> str:
@@ -146,6 +146,7 @@ def write(
         "inputs": {name: [describe_input(p) for p in paths] for name, paths in named.items()},
         "code": {**git_state(), "package_hash": code_hash(), "rule_code_hash": code_hash(code_modules) if code_modules else None},
         "packages": package_versions(),
+        "workdir": os.getcwd(),
         "host": socket.gethostname(),
         "devices": devices(),
         "started": started,
@@ -159,6 +160,20 @@ def write(
 
 
 # -- lineage ------------------------------------------------------------------------------------
+
+
+def _root(artifact: Path, record: dict) -> Path:
+    """Folder that the record's relative paths are relative to: found by matching the recorded
+    output path against where the artifact is now (so a moved results tree still resolves), else
+    the recorded working directory."""
+    recorded = Path(record["output"]["path"])
+    if recorded.is_absolute():
+        return Path("/")
+    here = artifact.resolve()
+    parts = len(recorded.parts)
+    if here.parts[-parts:] == recorded.parts:
+        return Path(*here.parts[:-parts])
+    return Path(record.get("workdir") or ".")
 
 
 def lineage(artifact, _seen=None) -> dict:
@@ -178,9 +193,10 @@ def lineage(artifact, _seen=None) -> dict:
         node["repeated"] = True
         return node
     _seen.add(key)
+    root = _root(artifact, record)
     for name, entries in record["inputs"].items():
         for entry in entries:
-            child = lineage(entry["path"], _seen)
+            child = lineage(root / entry["path"], _seen)
             child["role"] = name
             child["recorded_sha256"] = entry["sha256"]
             node["inputs"].append(child)

@@ -21,7 +21,6 @@ Modes:
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from .fileio import atomic_path
+from .fileio import atomic_path, json_sha256
 
 FORMAT = "remeanflow.reflow_index/1"
 MODES = ("imagenet", "random")
@@ -60,12 +59,6 @@ class ReflowIndex:
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
-
-
-def json_sha256(obj: Any) -> str:
-    """sha256 of the canonical JSON of `obj` (sorted keys, no whitespace, no NaN/inf)."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def compute_index_hash(params: dict[str, Any], labels: np.ndarray) -> str:

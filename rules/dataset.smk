@@ -70,7 +70,6 @@ rule preprocess_shard:
                 "resolution",
                 "preprocess_shards",
                 "max_bad_fraction",
-                "store_images",
                 "decode_workers",
             )
         },

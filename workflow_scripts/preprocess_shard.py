@@ -3,13 +3,16 @@
 from remeanflow.data.preprocess import preprocess_shard
 from remeanflow.workflow import step
 
-with step(snakemake) as s:  # noqa: F821
-    s.extra["report"] = preprocess_shard(
-        snakemake.input.archive,  # noqa: F821
-        snakemake.output[0],  # noqa: F821
-        shard=int(snakemake.wildcards.shard),  # noqa: F821
-        num_shards=s.config["preprocess_shards"],
-        resolution=s.config["resolution"],
-        workers=s.config["decode_workers"],
-        max_bad_fraction=s.config["max_bad_fraction"],
-    )
+
+def main(smk) -> None:
+    with step(smk) as s:
+        s.extra["report"] = preprocess_shard(
+            smk.input.archive, smk.output[0], shard=int(smk.wildcards.shard),
+            num_shards=s.config["preprocess_shards"], resolution=s.config["resolution"],
+            workers=s.config["decode_workers"], max_bad_fraction=s.config["max_bad_fraction"],
+        )
+
+
+# decode workers are forkserver processes that re-import this script: only the main process runs
+if __name__ == "__main__":
+    main(snakemake)  # noqa: F821 - injected by Snakemake

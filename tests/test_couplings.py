@@ -1,0 +1,376 @@
+"""Sharded coupling stores: geometry, shard/rank invariance, kill-and-resume, merge checks, reader."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from remeanflow import couplings as C
+from remeanflow import reflow_index as R
+
+sys.path.insert(0, str(Path(__file__).parent))
+from couplings_worker import SHARD_KW, toy_generate  # noqa: E402
+
+ARRAYS = ("noise", "endpoint", "label", "sample_id", "done")
+
+
+@pytest.fixture
+def index(tmp_path):
+    """60 samples, 4 classes (the tiny net's): 15 chunks of SHARD_KW's 4."""
+    R.build_index(tmp_path / "index.zarr", mode="random", num_samples=60, num_classes=4, seed=0)
+    return tmp_path / "index.zarr"
+
+
+def make_shards(root: Path, index: Path, num_shards: int, generate=toy_generate, world_size: int = 1, **overrides):
+    """Create and fully generate every shard (ranks run one after another); returns their paths."""
+    kw = dict(SHARD_KW, **overrides)
+    paths = [root / f"shard-{k:05d}.zarr" for k in range(num_shards)]
+    for k, p in enumerate(paths):
+        C.create_shard_store(p, index_store=index, shard=k, num_shards=num_shards, **kw)
+        for rank in range(world_size):
+            C.generate_shard(p, generate, rank=rank, world_size=world_size, progress=False)
+    return paths
+
+
+def read_arrays(path: Path) -> dict:
+    group = zarr.open_group(str(path), mode="r")
+    return {name: group[name][...] for name in ARRAYS}
+
+
+def assert_stores_equal(a: Path, b: Path):
+    x, y = read_arrays(a), read_arrays(b)
+    for name in ARRAYS:
+        assert x[name].dtype == y[name].dtype and np.array_equal(x[name], y[name]), name
+
+
+def read_all(manifest: Path) -> dict:
+    """Every coupling of a merged set, concatenated in chunk order."""
+    reader = C.open_couplings(manifest)
+    chunks = [reader.read_chunk(i) for i in range(len(reader))]
+    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+
+class Counting:
+    """generate_fn wrapper that counts calls (and can fail on demand)."""
+
+    def __init__(self, fn=toy_generate):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, noise, labels):
+        self.calls += 1
+        return self.fn(noise, labels)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n, shards, chunk", [(60, 3, 4), (61, 4, 4), (10, 1, 16), (1000, 7, 32), (33, 9, 3)])
+def test_shard_ranges_tile_with_chunk_alignment(n, shards, chunk):
+    ranges = [C.shard_range(n, s, shards, chunk) for s in range(shards)]
+    assert ranges[0][0] == 0 and ranges[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(start % chunk == 0 for start, _ in ranges)
+    assert all(start < stop for start, stop in ranges)
+    sizes = [-(-(stop - start) // chunk) for start, stop in ranges]
+    assert max(sizes) - min(sizes) <= 1  # balanced in whole chunks
+
+
+def test_shard_range_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="at least one chunk"):
+        C.shard_range(8, 0, 3, 4)
+    with pytest.raises(ValueError, match="shard must be"):
+        C.shard_range(8, 2, 2, 4)
+    with pytest.raises(ValueError, match="chunk must be an integer >= 1"):
+        C.shard_range(8, 0, 1, 0)
+
+
+def test_store_layout_one_chunk_per_batch(tmp_path, index):
+    (path,) = make_shards(tmp_path, index, 1)
+    group = zarr.open_group(str(path), mode="r")
+    assert group["noise"].chunks == (4, 2, 4, 4) and group["endpoint"].chunks == (4, 2, 4, 4)
+    assert group["label"].chunks == (4,) and group["sample_id"].chunks == (4,) and group["done"].chunks == (1,)
+    assert all(group[n].shards is None for n in ARRAYS), "no sharding codec: one object per batch"
+    assert group["noise"].dtype == np.float16 and group["label"].dtype == np.int32
+    attrs = dict(group.attrs)
+    assert attrs["fingerprint"] == SHARD_KW["fingerprint"]
+    assert attrs["fingerprint_hash"] == C.fingerprint_hash(SHARD_KW["fingerprint"])
+    assert attrs["range"] == [0, 60] and attrs["index_hash"] == R.load_index(index).index_hash
+    # stored noise is the standard normal n (rounded to float16), not n * sigma_max
+    ids = group["sample_id"][:4]
+    from remeanflow.sampling import per_sample_noise
+
+    np.testing.assert_array_equal(group["noise"][:4], per_sample_noise(7, ids, (2, 4, 4)).half().numpy())
+    report = C.verify_shard(path, index_store=index, check_noise=True)
+    assert report["count"] == 60 and sum(report["class_counts"]) == 60
+
+
+def test_create_is_idempotent_and_never_overwrites(tmp_path, index):
+    path = tmp_path / "s.zarr"
+    C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    C.generate_shard(path, toy_generate, rank=0, world_size=3, progress=False)  # a third of the chunks
+    before = read_arrays(path)
+    kw = dict(SHARD_KW, fingerprint=dict(SHARD_KW["fingerprint"]))  # equal content, new object
+    C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **kw)  # resume: reuse
+    assert_equal = [np.array_equal(before[n], a) for n, a in read_arrays(path).items()]
+    assert all(assert_equal) and before["done"].sum() == 5
+    for change, key in ((dict(fingerprint={"teacher_sha256": "other"}), "fingerprint"), (dict(seed=8), "seed"),
+                        (dict(chunk=5), "chunk")):
+        with pytest.raises(C.FingerprintMismatchError, match=key):
+            C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **dict(SHARD_KW, **change))
+    assert np.array_equal(read_arrays(path)["done"], before["done"])
+    (tmp_path / "junk").mkdir()
+    with pytest.raises(C.CouplingStoreError, match="not a readable"):
+        C.create_shard_store(tmp_path / "junk", index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index.zarr", "junk", "s.zarr"], "temporary left behind"
+
+
+def tiny_teacher_generate():
+    """A real (tiny, random) EDM2 net through the real Heun sampler, 2 steps."""
+    from remeanflow import networks, sampling
+
+    torch.manual_seed(0)
+    net = networks.build("tiny").eval()  # 2 x 8 x 8, 4 classes
+    return lambda noise, labels: sampling.edm_heun(net, noise, labels, num_steps=2)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny batches run far faster single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("which", ["toy", "tiny_net"])
+def test_couplings_identical_for_any_sharding_and_ranks(tmp_path, index, which, one_thread):
+    # layout name: shards x ranks per shard; the real net is slow on CPU, so it gets fewer, bigger chunks
+    if which == "toy":
+        generate, kw = toy_generate, {}
+        layouts = {"1x1": (1, 1), "3x1": (3, 1), "1x2": (1, 2), "2x3": (2, 3)}
+    else:
+        generate, kw = tiny_teacher_generate(), dict(shape=(2, 8, 8), chunk=12)
+        layouts = {"1x1": (1, 1), "2x3": (2, 3)}
+    merged = {}
+    for name, (shards, world) in layouts.items():
+        (tmp_path / name).mkdir()
+        paths = make_shards(tmp_path / name, index, shards, generate, world_size=world, **kw)
+        manifest = C.merge_shards(paths, tmp_path / name / "manifest.json", index_store=index, progress=False)
+        merged[name] = (read_all(tmp_path / name / "manifest.json"), manifest)
+    ref, ref_manifest = merged["1x1"]
+    np.testing.assert_array_equal(ref["sample_id"], np.arange(60))
+    assert np.isfinite(ref["endpoint"]).all() and not np.allclose(ref["endpoint"], 0)
+    for name, (data, manifest) in merged.items():
+        for key in ("noise", "endpoint", "label", "sample_id", "distance", "keep"):
+            assert np.array_equal(data[key], ref[key]), (name, key)
+        assert manifest["truncation"] == ref_manifest["truncation"]
+        assert manifest["distance_stats"] == ref_manifest["distance_stats"]
+
+
+def reference_store(tmp_path: Path, index: Path) -> Path:
+    """The single shard generated in-process without interruption."""
+    reference = tmp_path / "reference.zarr"
+    C.create_shard_store(reference, index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    C.generate_shard(reference, toy_generate, progress=False)
+    return reference
+
+
+def start_worker(store: Path, index: Path, *args: str) -> subprocess.Popen:
+    worker = Path(__file__).with_name("couplings_worker.py")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1]), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, str(worker), str(store), str(index), *args], env=env)
+
+
+def test_two_rank_processes_fill_one_shard_concurrently(tmp_path, index):
+    reference = reference_store(tmp_path, index)
+    store = tmp_path / "two_ranks.zarr"
+    # both ranks also race to create the store, as accelerate-launched ranks would
+    procs = [start_worker(store, index, "--sleep", "0.02", "--rank", str(r), "--world-size", "2") for r in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    C.verify_shard(store, index_store=index)
+    assert C.store_checksum(store) == C.store_checksum(reference)
+    assert not list(tmp_path.glob(".two_ranks.zarr.tmp*")), "losing creator must clean up"
+
+
+def test_kill_and_resume_regenerates_only_missing_chunks(tmp_path, index):
+    reference = reference_store(tmp_path, index)
+    store = tmp_path / "killed.zarr"
+    proc = start_worker(store, index, "--sleep", "0.25")
+    try:
+        deadline = time.monotonic() + 60
+        while not (store.exists() and C.completion_mask(store).sum() >= 3):
+            assert proc.poll() is None, "worker exited before it was killed"
+            assert time.monotonic() < deadline, "worker made no progress"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    missing = np.flatnonzero(~C.completion_mask(store))
+    assert 0 < missing.size < 15
+    with pytest.raises(C.IncompleteShardError) as err:
+        C.verify_shard(store)
+    assert err.value.missing == missing.tolist()
+
+    counting, finished = Counting(), []
+    C.create_shard_store(store, index_store=index, shard=0, num_shards=1, **SHARD_KW)  # as a rerun would
+    stats = C.generate_shard(store, counting, progress=False, on_chunk_done=finished.append)
+    assert counting.calls == missing.size == stats["chunks_generated"]
+    assert finished == missing.tolist()
+    C.verify_shard(store, index_store=index, check_noise=True)
+    assert_stores_equal(store, reference)
+    assert C.store_checksum(store) == C.store_checksum(reference)  # bit for bit, metadata included
+
+
+def test_torn_chunk_is_regenerated(tmp_path, index):
+    (path,) = make_shards(tmp_path, index, 1)
+    reference = read_arrays(path)
+    group = zarr.open_group(str(path), mode="r+")
+    group["endpoint"][8:12] = 123.0  # data of chunk 2 written (wrongly) ...
+    group["done"][2] = False  # ... but the process died before marking it
+    with pytest.raises(C.IncompleteShardError, match=r"\[2\]"):
+        C.verify_shard(path)
+    counting = Counting()
+    C.generate_shard(path, counting, progress=False)
+    assert counting.calls == 1
+    for name, arr in read_arrays(path).items():
+        assert np.array_equal(arr, reference[name]), name
+
+
+def test_nonfinite_endpoint_is_an_error_and_chunk_stays_unmarked(tmp_path, index):
+    path = tmp_path / "s.zarr"
+    C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    poison = C.chunk_noise(7, np.array([9]), (2, 4, 4), "float16")  # sample 9 lives in chunk 2
+
+    def nan_for_sample_9(noise, labels):
+        out = toy_generate(noise, labels)
+        out[(noise == torch.from_numpy(poison.astype(np.float32))).flatten(1).all(1)] = float("nan")
+        return out
+
+    with pytest.raises(C.NonFiniteEndpointError, match=r"chunk 2: .*sample ids \[9\]"):
+        C.generate_shard(path, nan_for_sample_9, progress=False)
+    group = zarr.open_group(str(path), mode="r")
+    assert group["done"][...].tolist() == [True, True] + [False] * 13
+    assert not group["endpoint"][8:12].any(), "rejected chunk must not be written"
+
+
+def test_crash_between_data_writes_leaves_chunk_unmarked(tmp_path, index, monkeypatch):
+    path = tmp_path / "s.zarr"
+    C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    real_setitem = zarr.Array.__setitem__
+
+    def die_on_endpoint(self, key, value):
+        if self.basename == "endpoint":
+            raise KeyboardInterrupt("killed mid-chunk")  # after noise was written, before endpoint
+        real_setitem(self, key, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", die_on_endpoint)
+    with pytest.raises(KeyboardInterrupt):
+        C.generate_shard(path, toy_generate, progress=False)
+    monkeypatch.undo()
+    group = zarr.open_group(str(path), mode="r")
+    assert group["noise"][0:4].any() and not C.completion_mask(path).any()
+
+
+def test_float16_overflow_counts_as_nonfinite(tmp_path, index):
+    path = tmp_path / "s.zarr"
+    C.create_shard_store(path, index_store=index, shard=0, num_shards=1, **dict(SHARD_KW, endpoint_dtype="float16"))
+    with pytest.raises(C.NonFiniteEndpointError, match="chunk 0"):
+        C.generate_shard(path, lambda n, l: n * 1e5, progress=False)
+    assert not C.completion_mask(path).any()
+
+
+def test_merge_refuses_mismatched_or_overlapping_shards(tmp_path, index):
+    (tmp_path / "good").mkdir(), (tmp_path / "other").mkdir()
+    good = make_shards(tmp_path / "good", index, 3)
+    other_fp = make_shards(tmp_path / "other", index, 3, fingerprint={"teacher_sha256": "x"})
+    R.build_index(tmp_path / "index2.zarr", mode="random", num_samples=60, num_classes=4, seed=1)
+    out = tmp_path / "m.json"
+    with pytest.raises(C.FingerprintMismatchError, match=f"{other_fp[1]}.*teacher_sha256"):
+        C.merge_shards([good[0], other_fp[1], good[2]], out, index_store=index, progress=False)
+    with pytest.raises(C.FingerprintMismatchError, match="cut from index"):
+        C.merge_shards(good, out, index_store=tmp_path / "index2.zarr", progress=False)
+    shutil.copytree(good[1], tmp_path / "copy.zarr")
+    with pytest.raises(C.CouplingStoreError, match="overlaps"):
+        C.merge_shards([*good, tmp_path / "copy.zarr"], out, index_store=index, progress=False)
+    with pytest.raises(C.CouplingStoreError, match=r"gap before it: samples \[20, 40\)"):
+        C.merge_shards([good[0], good[2]], out, index_store=index, progress=False)
+    with pytest.raises(C.CouplingStoreError, match="index has 60"):
+        C.merge_shards(good[:2], out, index_store=index, progress=False)
+    zarr.open_group(str(good[2]), mode="r+")["done"][1] = False
+    with pytest.raises(C.IncompleteShardError, match="shard-00002"):
+        C.merge_shards(good, out, index_store=index, progress=False)
+    assert not out.exists(), "no manifest for a refused merge"
+
+
+def test_truncation_drops_exactly_the_top_decile():
+    d = np.random.default_rng(0).permutation(np.arange(1.0, 101.0))
+    t = C.truncation(d, quantile=0.9, fixed_threshold=None)
+    assert (t["kept"], t["dropped"], t["mode"]) == (90, 10, "quantile")
+    assert set(d[d > t["threshold"]]) == set(np.arange(91.0, 101.0))
+    fixed = C.truncation(d, quantile=0.9, fixed_threshold=0.87 * 100)
+    assert (fixed["mode"], fixed["kept"], fixed["quantile"]) == ("fixed", 87, None)
+    none = C.truncation(d, quantile=None, fixed_threshold=None)
+    assert (none["kept"], none["threshold"]) == (100, None)
+
+
+def test_merge_manifest_truncation_and_reader(tmp_path, index):
+    paths = make_shards(tmp_path, index, 3)
+    manifest = C.merge_shards(paths, tmp_path / "m.json", index_store=index, histogram_bins=7, progress=False)
+    data = read_all(tmp_path / "m.json")
+    assert manifest["total"] == 60 and [s["count"] for s in manifest["shards"]] == [20, 20, 20]
+    assert [s["path"] for s in manifest["shards"]] == [p.name for p in paths]  # relative to the manifest
+    trunc = manifest["truncation"]
+    assert (trunc["kept"], trunc["dropped"]) == (54, 6) and data["keep"].sum() == 54
+    top = np.argsort(data["distance"])[-6:]
+    assert set(np.flatnonzero(~data["keep"])) == set(top)
+    expected = np.square(data["noise"].astype(np.float64) - data["endpoint"]).mean(axis=(1, 2, 3))
+    np.testing.assert_allclose(data["distance"], expected, rtol=1e-12)
+    stats = manifest["distance_stats"]
+    assert sum(stats["histogram"]["counts"]) == 60 and len(stats["histogram"]["edges"]) == 8
+    assert stats["max"] == data["distance"].max() and stats["min"] == data["distance"].min()
+    np.testing.assert_array_equal(data["label"], R.load_index(index).labels)
+
+    reader = C.open_couplings(tmp_path / "m.json")
+    assert len(reader) == 15 and reader.chunks[5].path == paths[1] and reader.chunks[5].start == 20
+    reader.check_fingerprint(dict(reversed(list(SHARD_KW["fingerprint"].items()))))  # order-insensitive
+    with pytest.raises(C.FingerprintMismatchError, match="sampler"):
+        reader.check_fingerprint(dict(SHARD_KW["fingerprint"], sampler={"steps": 32}))
+    fixed = C.merge_shards(paths, tmp_path / "f.json", index_store=index, fixed_threshold=0.3, progress=False)
+    assert fixed["truncation"]["kept"] == int((data["distance"] <= 0.3).sum())
+
+
+def test_checksum_changes_when_a_shard_is_modified(tmp_path, index):
+    paths = make_shards(tmp_path, index, 3)
+    before = C.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
+    assert [s["checksum"] for s in before["shards"]] == [C.store_checksum(p) for p in paths]
+    reader = C.open_couplings(tmp_path / "m.json")
+    reader.verify_checksums()
+    endpoint = zarr.open_group(str(paths[1]), mode="r+")["endpoint"]
+    endpoint[1, 0, 0, 0] = endpoint[1, 0, 0, 0] + 0.5  # sample id 21
+    with pytest.raises(C.CouplingStoreError, match="shard-00001.*modified"):
+        reader.verify_checksums()
+    after = C.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
+    changed = [a["checksum"] != b["checksum"] for a, b in zip(before["shards"], after["shards"])]
+    assert changed == [False, True, False]
+
+
+def test_verify_detects_tampered_labels_and_noise(tmp_path, index):
+    (path,) = make_shards(tmp_path, index, 1)
+    group = zarr.open_group(str(path), mode="r+")
+    group["noise"][0, 0, 0, 0] = 0.5
+    with pytest.raises(C.CouplingStoreError, match="chunk 0: stored noise differs"):
+        C.verify_shard(path, check_noise=True)
+    group["label"][3] = (group["label"][3] + 1) % 4
+    with pytest.raises(C.CouplingStoreError, match="labels changed"):
+        C.verify_shard(path)
