@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -141,7 +141,7 @@ def cfg_weights(w_pi: float) -> tuple[float, float]:
     """Stage-2 mixing weights (w, k) for a guidance scale w' = w_pi drawn from U(1, w_max).
 
     MeanFlow's CFG target v_hat = w·v + k·u_c + (1 - w - k)·u_null has effective guidance
-    w / (1 - k) (MeanFlow section 4.2); k = 1 - w / w_pi makes that equal to w_pi. Re-MeanFlow
+    w / (1 - k) (MeanFlow §4.2); k = 1 - w / w_pi makes that equal to w_pi. Re-MeanFlow
     takes w = max(1, w_pi - 1) so that part of the guidance comes from the ground-truth v.
     """
     w = max(1.0, w_pi - 1.0)
@@ -183,7 +183,7 @@ def cfg_target(
     w_pi: float,
 ) -> torch.Tensor:
     """Guided target v_hat = w·v + k·u(x_t,t,t|c) + (1-w-k)·u(x_t,t,t|null), k = 1 - w/w_pi
-    (MeanFlow Eq. 19-21, Re-MeanFlow stage 2), without gradient.
+    (MeanFlow §4.2, CFG with mixing scale kappa = k; Re-MeanFlow stage 2), without gradient.
 
     Rows whose label is already null keep v_hat = v: the unconditional model is trained on the
     plain flow target, otherwise it would be pulled towards a mixture of itself.
@@ -237,9 +237,10 @@ def jvp_t(
 
     primals, tangents = (x_t, t), (v_hat, torch.ones_like(t))
     if jvp == "forward":
-        u = model_fn(x_t, t, r, labels)
+        # Tangent first: its live set is gone before the graph of u starts to build up.
         with torch.no_grad():
             _, dudt = torch.func.jvp(along(tangent_fn if tangent_fn is not None else model_fn), primals, tangents)
+        u = model_fn(x_t, t, r, labels)
     elif jvp == "forward-fused":
         u, dudt = torch.func.jvp(along(model_fn), primals, tangents)
     elif jvp == "autograd":
@@ -284,7 +285,7 @@ def meanflow_loss_terms(
     u_tgt = v_hat - (t_ - r_) * dudt  # MeanFlow Eq. 10
     error = u - u_tgt.detach()
 
-    # Adaptive loss weight (MeanFlow Eq. 22): e / sg((e + c)^p); p = 0.5 is a pseudo-Huber loss.
+    # Adaptive loss weight (MeanFlow §4.3): e / sg((e + c)^p); p = 0.5 is a pseudo-Huber-like loss.
     e = error.square().flatten(1).mean(dim=1)
     loss = (e / (e + c).pow(p).detach()).mean()
     return MeanFlowTerms(loss=loss, e=e.detach(), mse=e.detach().mean())
