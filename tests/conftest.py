@@ -8,7 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+# Small tensors on 2 shared cores: OpenMP spinning with 2 threads made some ops ~100x slower
+# when another process was busy. Subprocesses (Snakemake jobs) choose their own thread counts.
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parent.parent
 
