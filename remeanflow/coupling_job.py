@@ -11,13 +11,10 @@ Run as a module by `accelerate launch -m remeanflow.coupling_job <spec.json>`.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ import torch
 
 from . import checkpoints, couplings, sampling
 from .fileio import sha256_file
+from .launch import launch_module, read_spec
 from .reflow_index import load_index
 
 log = logging.getLogger(__name__)
@@ -71,7 +69,8 @@ def _distributed_state():
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        state = PartialState()
+        # cpu=True is what makes accelerate start a gloo process group on a machine without GPUs
+        state = PartialState(cpu=not torch.cuda.is_available())
         return state.process_index, state.num_processes, state.device, state.wait_for_everyone
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return 0, 1, device, lambda: None
@@ -94,6 +93,8 @@ def run_shard(spec: dict) -> dict:
     stats = couplings.generate_shard(
         work, make_generate_fn(net, guide, cfg, device), rank=rank, world_size=world, progress=spec.get("progress", True)
     )
+    log.info("shard %s rank %d of %d: %d chunks generated, %d were done before", spec["shard"], rank, world,
+             stats["chunks_generated"], stats["chunks_done_before"])
     barrier()
     if rank == 0:
         stats["verify"] = couplings.verify_shard(work, index_store=spec["index"])
@@ -105,24 +106,14 @@ def run_shard(spec: dict) -> dict:
     return stats
 
 
-def launch(spec: dict, processes: int = 1) -> dict:
+def launch(spec: dict, processes: int = 1, log_file=None) -> dict:
     """Run `run_shard` in this process, or under `accelerate launch` with `processes` ranks."""
     if processes == 1:
         return run_shard(spec)
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    # Explicit flags so that a user's accelerate default_config.yaml is not applied; on CPU a real
-    # multi-process run needs --multi_gpu with ACCELERATE_USE_CPU=1 (`--cpu` starts one process).
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--main_process_port", "0", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    env = dict(os.environ, **({} if torch.cuda.is_available() else {"ACCELERATE_USE_CPU": "1"}))
-    try:
-        subprocess.run([*cmd, "-m", "remeanflow.coupling_job", f.name], check=True, env=env)
-    finally:
-        os.unlink(f.name)
+    launch_module("remeanflow.coupling_job", spec, processes, log_file=log_file)
     return couplings.verify_shard(spec["output"], index_store=spec["index"])
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO)
-    run_shard(json.loads(Path(sys.argv[1]).read_text()))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_shard(read_spec(sys.argv))

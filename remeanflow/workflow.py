@@ -38,7 +38,9 @@ def setup_logging(log_file=None, level=logging.INFO) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file, mode="w"))
+        open(log_file, "w").close()
+        # append mode: child processes (accelerate ranks) append to the same log
+        handlers.append(logging.FileHandler(log_file, mode="a"))
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
 
 
@@ -52,6 +54,10 @@ class StepContext:
     @property
     def params(self):
         return self.smk.params
+
+    @property
+    def log_file(self) -> str | None:
+        return str(self.smk.log[0]) if len(self.smk.log) else None
 
     @property
     def threads(self) -> int:

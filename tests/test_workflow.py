@@ -106,14 +106,17 @@ def _reuse_upstream(src_run: Path, workdir: Path, run_name: str) -> Path:
     return dst
 
 
-def test_couplings_do_not_depend_on_the_number_of_shards(tiny_run, tmp_path):
+def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
+    """2 shards x 1 process (the session run) vs 3 shards x 2 accelerate processes (gloo on CPU)."""
     _, _, run = tiny_run
     dst = _reuse_upstream(run, tmp_path, "three")
-    cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3}})
+    cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3, "processes": 2}})
     planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n")))
     assert "train_teacher" not in planned and "preprocess_shard" not in planned, planned
     run_snakemake(tmp_path, cfg)
     assert len(list((dst / "reflow" / "couplings").glob("shard-*.zarr"))) == 3
+    log = (dst / "logs" / "couplings_shard" / "00000.log").read_text()
+    assert "rank 1 of 2" in log and "rank 0 of 2" in log, "the shard job did not run two processes"
     two = _couplings_by_id(run / "reflow" / "manifest.json")
     three = _couplings_by_id(dst / "reflow" / "manifest.json")
     for key in ("sample_id", "label", "noise", "endpoint"):

@@ -16,4 +16,4 @@ with step(snakemake) as s:  # noqa: F821
     )
     s.seeds["noise"] = s.config["seed"]
     processes = max(s.config["processes"], int(snakemake.resources.get("gpu", 0) or 0), 1)  # noqa: F821
-    s.extra["stats"] = coupling_job.launch(spec, processes)
+    s.extra["stats"] = coupling_job.launch(spec, processes, log_file=s.log_file)
