@@ -10,6 +10,8 @@ include: "rules/common.smk"
 include: "rules/dataset.smk"
 include: "rules/teacher.smk"
 include: "rules/couplings.smk"
+include: "rules/training.smk"
+include: "rules/evaluate.smk"
 
 
 rule all:

@@ -43,4 +43,6 @@ def dataset_source():
 
 
 def final_targets():
-    return [f"{RUN}/reflow/manifest.json"]
+    return [f"{RUN}/reflow/manifest.json"] + [
+        f"{RUN}/eval/{stage}/metrics.json" for stage in ("stage1", "stage2")
+    ]

@@ -1,0 +1,119 @@
+# Stage: Re-MeanFlow training. Fit the t/r embeddings to the teacher, then stage 1 (plain
+# MeanFlow target) and stage 2 (CFG target, grad clip). Each stage resumes from the newest
+# checkpoint in its work folder, which Snakemake does not own and so never deletes.
+
+
+def train_cfg(stage):
+    keys = [k for k in config["train"] if k not in ("stage1", "stage2", "processes")]
+    return {
+        **{k: config["train"][k] for k in keys},
+        **config["train"][stage],
+        "seed": config["seed"],
+        "couplings_seed": config["seed"],
+        "sampler": {
+            k: config["couplings"][k]
+            for k in ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
+        },
+    }
+
+
+rule init_time_embedding:
+    input:
+        teacher=f"{RUN}/teacher/net.pt",
+    output:
+        net=f"{RUN}/time_emb/net.pt",
+        fit=f"{RUN}/time_emb/fit.json",
+    log:
+        f"{RUN}/logs/init_time_embedding.log",
+    benchmark:
+        f"{RUN}/benchmarks/init_time_embedding.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=min(res("train", "gpu"), 1),
+    params:
+        cfg={**config["time_embedding"], "seed": config["seed"]},
+        code=code("time_embedding", "networks", "checkpoints"),
+    script:
+        "../workflow_scripts/init_time_embedding.py"
+
+
+rule train_stage1:
+    input:
+        manifest=f"{RUN}/reflow/manifest.json",
+        init=f"{RUN}/time_emb/net.pt",
+        teacher=f"{RUN}/teacher/net.pt",
+        guide=f"{RUN}/teacher/guide.pt",
+    output:
+        state=f"{RUN}/train/stage1/train_state.pt",
+        net=f"{RUN}/train/stage1/net_ema.pt",
+        metrics=f"{RUN}/train/stage1/metrics.csv",
+    log:
+        f"{RUN}/logs/train_stage1.log",
+    benchmark:
+        f"{RUN}/benchmarks/train_stage1.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        cfg=train_cfg("stage1"),
+        stage=1,
+        work=f"{RUN}/train/work/stage1",
+        processes=config["train"]["processes"],
+        code=code(
+            "train",
+            "loader",
+            "meanflow",
+            "networks",
+            "checkpoints",
+            "couplings",
+            "launch",
+        ),
+    script:
+        "../workflow_scripts/train_stage.py"
+
+
+rule train_stage2:
+    input:
+        manifest=f"{RUN}/reflow/manifest.json",
+        init=f"{RUN}/train/stage1/train_state.pt",
+        teacher=f"{RUN}/teacher/net.pt",
+        guide=f"{RUN}/teacher/guide.pt",
+    output:
+        state=f"{RUN}/train/stage2/train_state.pt",
+        net=f"{RUN}/train/stage2/net_ema.pt",
+        metrics=f"{RUN}/train/stage2/metrics.csv",
+    log:
+        f"{RUN}/logs/train_stage2.log",
+    benchmark:
+        f"{RUN}/benchmarks/train_stage2.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: res("train", "threads")
+    resources:
+        mem_mb=res("train", "mem_mb"),
+        runtime=res("train", "runtime"),
+        gpu=res("train", "gpu"),
+    params:
+        cfg=train_cfg("stage2"),
+        stage=2,
+        work=f"{RUN}/train/work/stage2",
+        processes=config["train"]["processes"],
+        code=code(
+            "train",
+            "loader",
+            "meanflow",
+            "networks",
+            "checkpoints",
+            "couplings",
+            "launch",
+        ),
+    script:
+        "../workflow_scripts/train_stage.py"
