@@ -10,5 +10,5 @@ with step(smk) as s:
     torch.set_num_threads(s.threads)
     s.extra["metrics"] = evaluate_checkpoint(
         smk.input.net, smk.input.heldout, smk.input.images, smk.output.metrics, smk.output.grid,
-        batch=s.config["batch"], teacher_path=smk.input.teacher, initial_path=smk.input.initial,
+        teacher_path=smk.input.teacher, initial_path=smk.input.initial, **s.config,
     )
