@@ -27,11 +27,18 @@ TINY = {
     },
     "teacher": {"train": {"preset": "tiny", "steps": 16, "batch_size": 16, "guide_step": 4, "rampup_steps": 4}},
     "couplings": {"passes": 1, "num_shards": 2, "batch": 8, "heun_steps": 3},
+    "time_embedding": {"steps": 10, "batch": 64},
+    "train": {"batch_size": 8, "checkpoint_every": 4, "window_chunks": 2,
+              "stage1": {"iterations": 8, "grad_clip": None, "w_max": None},
+              "stage2": {"iterations": 6, "grad_clip": 1.0, "w_max": 2.0}},
+    "evaluate": {"num_samples": 16, "batch": 8, "grid_per_class": 1},
     "resources": {
         "default": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
         "preprocess": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
         "teacher": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
         "couplings": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
+        "train": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
+        "evaluate": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
     },
 }
 

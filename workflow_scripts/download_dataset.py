@@ -3,5 +3,5 @@
 from remeanflow.data.download import download
 from remeanflow.workflow import step
 
-with step(snakemake, outputs=[snakemake.output.archive]) as s:  # noqa: F821
+with step(snakemake) as s:  # noqa: F821
     s.extra["sha256"] = download(s.config["source"], snakemake.output.archive, sha256=s.config["sha256"])  # noqa: F821

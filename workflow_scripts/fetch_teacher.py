@@ -5,7 +5,7 @@ from remeanflow.data.download import download
 from remeanflow.workflow import step
 
 out = snakemake.output  # noqa: F821
-with step(snakemake, outputs=[out.main, out.guide]) as s:  # noqa: F821
+with step(snakemake) as s:  # noqa: F821
     for role in ("main", "guide"):
         if not s.config[role]:
             raise ValueError(f"config key teacher.fetch.{role} must name an EDM2 pickle (URL or path)")

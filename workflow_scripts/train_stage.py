@@ -8,7 +8,7 @@ from remeanflow.launch import launch_module
 from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821
-with step(smk, outputs=[smk.output.state, smk.output.net]) as s:
+with step(smk) as s:
     torch.set_num_threads(s.threads)
     cfg = dict(s.config)
     sampler, couplings_seed = cfg.pop("sampler"), cfg.pop("couplings_seed")

@@ -7,7 +7,7 @@ from remeanflow.data.preprocess import load_images
 from remeanflow.teacher import train_teacher
 from remeanflow.workflow import step
 
-with step(snakemake, outputs=[snakemake.output.main, snakemake.output.guide]) as s:  # noqa: F821
+with step(snakemake) as s:  # noqa: F821
     torch.set_num_threads(s.threads)
     images, labels = load_images(snakemake.input.images)  # noqa: F821
     num_classes = len(zarr.open_group(snakemake.input.images, mode="r").attrs["synsets"])  # noqa: F821

@@ -1,0 +1,218 @@
+"""Deterministic, resumable per-process batches of rectified couplings for MeanFlow training.
+
+Couplings are i.i.d., so the order only has to look random at the scale of a batch; what matters
+is reading the Zarr stores in whole chunks (per-sample random reads are ~30x slower, REFERENCE.md)
+and never letting DDP processes disagree on their batch size. `CouplingStream` therefore shuffles
+in two levels, each a pure function of its position:
+
+1. epoch e: the list of chunks is permuted by a generator keyed by (seed, e); rank r of a world
+   of W processes takes the permuted chunks r, r + W, r + 2W, ... (all ranks of one epoch
+   together read every chunk exactly once);
+2. consecutive groups of `window_chunks` of a rank's chunks form *windows*; the KEPT samples of a
+   window (the manifest's global distance truncation, Re-MeanFlow section 4 / DESIGN §3 step 1)
+   are shuffled by a generator keyed by (seed, e, r, window) -- a shuffle buffer whose content
+   and order depend on nothing but its position.
+
+Batches are the next `batch_size` samples of this per-rank sequence, crossing window and epoch
+boundaries, so every batch holds exactly `batch_size` samples however many couplings truncation
+dropped from a window (with the official per-batch threshold the batch size varies and DDP
+processes can desync). The stream position is (epoch, window, offset into the window);
+`state_dict()` returns it and `CouplingStream(..., state=...)` resumes there by recomputing that
+window and skipping `offset` samples -- no RNG state is stored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from .couplings import CouplingReader, FingerprintMismatchError, _require_int, open_couplings
+
+STATE_FORMAT = "remeanflow.coupling-stream/1"
+# Purposes of the keyed generators, so that e.g. (seed, e) for chunk order and the window keys
+# can never coincide.
+_CHUNK_ORDER, _WINDOW_SHUFFLE = 1, 2
+# Stream settings that must agree when a state is resumed (the data order depends on them).
+_STATE_KEYS = (
+    "seed", "rank", "world_size", "batch_size", "window_chunks", "truncate", "num_chunks", "total", "threshold",
+    "fingerprint_hash",
+)
+
+
+def keyed_seed(*keys: int) -> int:
+    """A 63-bit seed that depends only on the integer `keys` (blake2b of their uint64 bytes).
+
+    Every random draw of training is keyed like this (e.g. by (seed, step, rank)), so a resumed run
+    needs no generator state: it recomputes the generator of the position it resumes at.
+    """
+    data = np.asarray(keys, dtype=np.uint64).astype("<u8").tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def check_fingerprint_subset(reader: CouplingReader, expected: dict[str, Any]) -> None:
+    """Raise FingerprintMismatchError unless the manifest's fingerprint agrees on every key of
+    `expected` (only those keys are compared; tuples and lists compare equal, as in JSON)."""
+    actual = reader.fingerprint
+    for key, want in json.loads(json.dumps(expected)).items():
+        have = actual.get(key, "<missing>")
+        if have != want:
+            raise FingerprintMismatchError(
+                f"{reader.manifest_path}: fingerprint key {key!r} is {have!r} in the couplings but {want!r} was "
+                "expected; these couplings were made with a different teacher or configuration"
+            )
+
+
+class CouplingStream(Iterator[dict[str, Any]]):
+    """Infinite per-process batches {x, noise, label, sample_id, kept_fraction} (see module docstring).
+
+    x (the teacher endpoint) and noise are float32 CPU tensors [batch_size, C, H, W] (stored
+    float16 is widened); label and sample_id are int64 [batch_size]. kept_fraction is the fraction
+    of couplings kept by truncation in the windows this batch drew samples from.
+
+    manifest: path of a coupling manifest, or an open `CouplingReader`. truncate=False ignores the
+    manifest's truncation (every coupling is used). expected_fingerprint: a subset of the
+    fingerprint the couplings must have been made with. state: a `state_dict()` of a stream with
+    the same settings, to resume.
+    """
+
+    def __init__(
+        self,
+        manifest,
+        *,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        window_chunks: int = 4,
+        truncate: bool = True,
+        state: dict[str, Any] | None = None,
+        expected_fingerprint: dict[str, Any] | None = None,
+    ):
+        _require_int("batch_size", batch_size, 1)
+        _require_int("world_size", world_size, 1)
+        _require_int("rank", rank, 0, world_size)
+        _require_int("seed", seed, 0)
+        _require_int("window_chunks", window_chunks, 1)
+        self.reader = manifest if isinstance(manifest, CouplingReader) else open_couplings(manifest)
+        if expected_fingerprint is not None:
+            check_fingerprint_subset(self.reader, expected_fingerprint)
+        if truncate and self.reader.manifest["truncation"]["kept"] == 0:
+            raise ValueError(f"{self.reader.manifest_path}: truncation keeps none of the {self.reader.total} couplings")
+        if world_size > len(self.reader):
+            raise ValueError(
+                f"{self.reader.manifest_path}: {len(self.reader)} chunk(s) for {world_size} processes: rank "
+                f"{rank} would get no chunks; use fewer processes or couplings made with a smaller chunk"
+            )
+        self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
+        self.seed, self.window_chunks, self.truncate = int(seed), int(window_chunks), bool(truncate)
+        self.epoch, self.window, self.offset = 0, 0, 0
+        if state is not None:
+            self._check_state(state)
+            self.epoch, self.window, self.offset = int(state["epoch"]), int(state["window"]), int(state["offset"])
+        self._samples: dict[str, np.ndarray] | None = None  # the current window, shuffled
+        self._window_kept = self._window_total = 0
+        self._chunks, self._chunks_epoch = np.empty(0, np.int64), -1
+        # True while every window read in this epoch, from its first, had no kept sample.
+        self._epoch_empty = self.window == 0 and self.offset == 0
+
+    # -- position ------------------------------------------------------------------------------
+
+    def _settings(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed, "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size,
+            "window_chunks": self.window_chunks, "truncate": self.truncate, "num_chunks": len(self.reader),
+            "total": self.reader.total, "threshold": self.reader.threshold,
+            "fingerprint_hash": self.reader.manifest["fingerprint_hash"],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch returned, plus the settings it is only valid for."""
+        return {"format": STATE_FORMAT, "epoch": self.epoch, "window": self.window, "offset": self.offset,
+                **self._settings()}
+
+    def _check_state(self, state: dict[str, Any]) -> None:
+        """Refuse a state saved by a stream with other settings (its position would mean other data)."""
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError(f"not a CouplingStream state (format {STATE_FORMAT!r} expected): {state!r:.200}")
+        mine = self._settings()
+        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _STATE_KEYS if state.get(k) != mine[k]]
+        if diff:
+            raise ValueError(f"cannot resume the coupling stream of {self.reader.manifest_path}: " + "; ".join(diff))
+        for k in ("epoch", "window", "offset"):
+            _require_int(f"state[{k!r}]", state.get(k), 0)
+
+    def epoch_chunks(self, epoch: int) -> np.ndarray:
+        """This rank's chunk indices for `epoch`: every world_size-th entry of the permuted list."""
+        if self._chunks_epoch != epoch:  # cached: a permutation of all chunks is not free for big sets
+            order = np.random.default_rng(keyed_seed(_CHUNK_ORDER, self.seed, epoch)).permutation(len(self.reader))
+            self._chunks, self._chunks_epoch = order[self.rank :: self.world_size], epoch
+        return self._chunks
+
+    def num_windows(self, epoch: int) -> int:
+        return -(-len(self.epoch_chunks(epoch)) // self.window_chunks)
+
+    # -- data ----------------------------------------------------------------------------------
+
+    def _load_window(self) -> None:
+        """Read the whole chunks of window (epoch, window), keep the kept samples, shuffle them."""
+        lo = self.window * self.window_chunks
+        parts = [self.reader.read_chunk(int(i)) for i in self.epoch_chunks(self.epoch)[lo : lo + self.window_chunks]]
+        keep = np.concatenate([p["keep"] if self.truncate else np.ones_like(p["keep"]) for p in parts])
+        key = keyed_seed(_WINDOW_SHUFFLE, self.seed, self.epoch, self.rank, self.window)
+        order = np.flatnonzero(keep)[np.random.default_rng(key).permutation(int(keep.sum()))]
+        names = ("endpoint", "noise", "label", "sample_id")
+        self._samples = {name: np.concatenate([p[name] for p in parts])[order] for name in names}
+        self._window_kept, self._window_total = len(order), len(keep)
+        self._epoch_empty &= self._window_kept == 0
+
+    def _advance_window(self) -> None:
+        """Move to the next window, or to the first window of the next epoch.
+
+        A rank whose chunks of a whole epoch were all dropped by truncation would loop forever
+        looking for a sample: that is an error (seen only when the epoch was read from its start).
+        """
+        self.window, self.offset, self._samples = self.window + 1, 0, None
+        if self.window < self.num_windows(self.epoch):
+            return
+        if self._epoch_empty:
+            raise ValueError(
+                f"{self.reader.manifest_path}: rank {self.rank} of {self.world_size} got no kept couplings in "
+                f"epoch {self.epoch} (truncation dropped all of its chunks); use fewer processes or more data"
+            )
+        self.epoch, self.window, self._epoch_empty = self.epoch + 1, 0, True
+
+    def __next__(self) -> dict[str, Any]:
+        """The next `batch_size` samples of this rank's sequence."""
+        pieces: list[dict[str, np.ndarray]] = []
+        need, kept, total = self.batch_size, 0, 0
+        while need:
+            if self._samples is None:
+                self._load_window()
+            take = min(need, self._window_kept - self.offset)
+            if take > 0:
+                pieces.append({k: v[self.offset : self.offset + take] for k, v in self._samples.items()})
+                kept, total = kept + self._window_kept, total + self._window_total
+                self.offset += take
+                need -= take
+            if self.offset >= self._window_kept:
+                self._advance_window()
+        return self._to_batch(pieces, kept / total)
+
+    @staticmethod
+    def _to_batch(pieces: list[dict[str, np.ndarray]], kept_fraction: float) -> dict[str, Any]:
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([p[name] for p in pieces])
+
+        return {
+            "x": torch.from_numpy(cat("endpoint").astype(np.float32)),
+            "noise": torch.from_numpy(cat("noise").astype(np.float32)),
+            "label": torch.from_numpy(cat("label").astype(np.int64)),
+            "sample_id": torch.from_numpy(cat("sample_id").astype(np.int64)),
+            "kept_fraction": float(kept_fraction),
+        }
+

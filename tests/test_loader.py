@@ -1,0 +1,234 @@
+"""CouplingStream: exact batch sizes, whole-chunk reads, epoch coverage across ranks, truncation,
+determinism, resume from state, fingerprint and geometry errors."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from remeanflow import couplings as C
+from remeanflow.loader import CouplingStream, keyed_seed
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import FINGERPRINT, make_couplings  # noqa: E402
+
+N, CHUNK = 96, 8  # 12 chunks
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def sets(tmp_path_factory):
+    """The same couplings under three truncations: 90% kept, 30% kept (heavy), none."""
+    root = tmp_path_factory.mktemp("loader")
+    normal = make_couplings(root / "q90", num_samples=N, chunk=CHUNK, quantile=0.9)
+    heavy = make_couplings(root / "q30", num_samples=N, chunk=CHUNK, quantile=0.3)
+    return {"normal": normal, "heavy": heavy}
+
+
+def kept_ids(manifest) -> np.ndarray:
+    reader = C.open_couplings(manifest)
+    parts = [reader.read_chunk(i) for i in range(len(reader))]
+    return np.concatenate([p["sample_id"][p["keep"]] for p in parts])
+
+
+def samples_per_epoch(stream: CouplingStream, epoch: int) -> int:
+    """Kept samples this rank sees in `epoch` (from the keep masks of its chunks)."""
+    return sum(int(stream.reader.read_chunk(int(i))["keep"].sum()) for i in stream.epoch_chunks(epoch))
+
+
+def take_ids(stream: CouplingStream, n_batches: int) -> list[np.ndarray]:
+    return [next(stream)["sample_id"].numpy() for _ in range(n_batches)]
+
+
+class CountingReader:
+    """Wraps a CouplingReader's read_chunk to count calls and record which chunks were read."""
+
+    def __init__(self, manifest):
+        self.reader = C.open_couplings(manifest)
+        self.calls: list[int] = []
+        inner = self.reader.read_chunk
+
+        def counted(i):
+            self.calls.append(i)
+            return inner(i)
+
+        self.reader.read_chunk = counted
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("which, batch", [("normal", 7), ("heavy", 5), ("heavy", 40)])
+def test_batches_always_exactly_batch_size(sets, which, batch):
+    stream = CouplingStream(sets[which], batch_size=batch, seed=1, window_chunks=2)
+    for _ in range(30):
+        b = next(stream)
+        assert b["x"].shape == (batch, 2, 8, 8) and b["noise"].shape == (batch, 2, 8, 8)
+        assert b["x"].dtype == torch.float32 and b["noise"].dtype == torch.float32  # noise stored as float16
+        assert b["label"].shape == (batch,) and b["label"].dtype == torch.int64
+        assert b["sample_id"].dtype == torch.int64
+        assert 0 < b["kept_fraction"] <= 1
+
+
+def test_batch_content_matches_store(sets):
+    """x/noise/label of a batch are the stored endpoint/noise/label of its sample ids."""
+    reader = C.open_couplings(sets["normal"])
+    parts = [reader.read_chunk(i) for i in range(len(reader))]
+    by_id = {name: np.concatenate([p[name] for p in parts]) for name in ("endpoint", "noise", "label", "sample_id")}
+    assert np.array_equal(by_id["sample_id"], np.arange(N))
+    b = next(CouplingStream(sets["normal"], batch_size=16, seed=2))
+    ids = b["sample_id"].numpy()
+    np.testing.assert_array_equal(b["x"].numpy(), by_id["endpoint"][ids])
+    np.testing.assert_array_equal(b["noise"].numpy(), by_id["noise"][ids].astype(np.float32))
+    np.testing.assert_array_equal(b["label"].numpy(), by_id["label"][ids])
+
+
+def test_reads_whole_chunks_once_per_epoch(sets):
+    counting = CountingReader(sets["normal"])
+    stream = CouplingStream(counting.reader, batch_size=4, seed=0, window_chunks=3)
+    per_epoch = samples_per_epoch(stream, 0)
+    counting.calls.clear()
+    consumed = 0
+    while consumed + 4 <= per_epoch:  # stay inside epoch 0
+        next(stream)
+        consumed += 4
+    # Every chunk read exactly once (whole-chunk reads only: the reader has no other access).
+    assert sorted(counting.calls) == list(range(N // CHUNK))
+    assert counting.calls == [int(i) for i in stream.epoch_chunks(0)]  # in the permuted order
+
+
+@pytest.mark.parametrize("which", ["normal", "heavy"])
+def test_two_ranks_partition_the_kept_samples_each_epoch(sets, which):
+    """Ranks 0 and 1 of a world of 2 read disjoint chunks whose kept samples together are
+    all kept samples, each exactly once per epoch; truncated samples never appear."""
+    expected = np.sort(kept_ids(sets[which]))
+    all_ids = set(range(N))
+    for epoch in range(2):
+        seen = []
+        for rank in range(2):
+            stream = CouplingStream(sets[which], batch_size=1, rank=rank, world_size=2, seed=4, window_chunks=2)
+            skip = sum(samples_per_epoch(stream, e) for e in range(epoch))
+            n = samples_per_epoch(stream, epoch)
+            ids = np.concatenate(take_ids(stream, skip + n))[skip:]
+            assert len(set(ids.tolist())) == n, "a sample repeated within an epoch"
+            seen.append(ids)
+        assert not set(seen[0]) & set(seen[1]), "ranks overlap"
+        np.testing.assert_array_equal(np.sort(np.concatenate(seen)), expected)
+        assert not set(np.concatenate(seen)) & (all_ids - set(expected.tolist())), "a dropped sample appeared"
+
+
+def test_heavy_truncation_never_yields_dropped_samples(sets):
+    kept = set(kept_ids(sets["heavy"]).tolist())
+    assert len(kept) < 0.4 * N
+    stream = CouplingStream(sets["heavy"], batch_size=9, seed=0, window_chunks=1)
+    ids = np.concatenate(take_ids(stream, 20))  # several epochs
+    assert set(ids.tolist()) <= kept
+    assert set(ids.tolist()) == kept
+
+
+def test_truncate_false_uses_every_coupling(sets):
+    stream = CouplingStream(sets["heavy"], batch_size=N, seed=0, truncate=False)
+    b = next(stream)
+    assert sorted(b["sample_id"].tolist()) == list(range(N)) and b["kept_fraction"] == 1.0
+
+
+def test_kept_fraction_is_that_of_the_windows_read(sets):
+    reader = C.open_couplings(sets["heavy"])
+    stream = CouplingStream(reader, batch_size=1, seed=0, window_chunks=2)
+    b = next(stream)
+    first = [reader.read_chunk(int(i))["keep"] for i in stream.epoch_chunks(0)[:2]]
+    assert b["kept_fraction"] == pytest.approx(np.concatenate(first).mean())
+
+
+def test_deterministic_and_seed_dependent(sets):
+    a = take_ids(CouplingStream(sets["normal"], batch_size=6, seed=5, window_chunks=2), 25)
+    b = take_ids(CouplingStream(sets["normal"], batch_size=6, seed=5, window_chunks=2), 25)
+    c = take_ids(CouplingStream(sets["normal"], batch_size=6, seed=6, window_chunks=2), 25)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+    # consecutive epochs use different orders
+    s = CouplingStream(sets["normal"], batch_size=6, seed=5)
+    assert not np.array_equal(s.epoch_chunks(0), s.epoch_chunks(1))
+
+
+@pytest.mark.parametrize("which, batch, stop", [("normal", 7, 3), ("normal", 7, 13), ("heavy", 5, 4), ("heavy", 5, 9)])
+def test_resume_from_state_equals_continuing(sets, which, batch, stop):
+    kw = dict(batch_size=batch, rank=1, world_size=2, seed=8, window_chunks=2)
+    ref = CouplingStream(sets[which], **kw)
+    expected = take_ids(ref, stop + 12)
+    first = CouplingStream(sets[which], **kw)
+    take_ids(first, stop)
+    state = first.state_dict()
+    assert set(state) >= {"epoch", "window", "offset", "seed", "rank", "world_size", "batch_size"}
+    resumed = CouplingStream(sets[which], state=state, **kw)
+    got = take_ids(resumed, 12)
+    assert all(np.array_equal(x, y) for x, y in zip(got, expected[stop:]))
+
+
+def test_resume_refuses_other_settings(sets):
+    s = CouplingStream(sets["normal"], batch_size=4, seed=1)
+    next(s)
+    state = s.state_dict()
+    with pytest.raises(ValueError, match="batch_size: saved 4, now 5"):
+        CouplingStream(sets["normal"], batch_size=5, seed=1, state=state)
+    with pytest.raises(ValueError, match="world_size: saved 1, now 2"):
+        CouplingStream(sets["normal"], batch_size=4, seed=1, world_size=2, state=state)
+    with pytest.raises(ValueError, match="threshold"):
+        CouplingStream(sets["heavy"], batch_size=4, seed=1, state=state)
+
+
+def test_fingerprint_subset_check(sets):
+    CouplingStream(sets["normal"], batch_size=4, expected_fingerprint={"seed": 5, "sampler": {"steps": 3}})
+    with pytest.raises(C.FingerprintMismatchError, match=r"'teacher_sha256' is 'a+' in the couplings but 'b+'"):
+        CouplingStream(sets["normal"], batch_size=4, expected_fingerprint={"teacher_sha256": "b" * 64})
+    with pytest.raises(C.FingerprintMismatchError, match=r"'guidance' is '<missing>'"):
+        CouplingStream(sets["normal"], batch_size=4, expected_fingerprint={"guidance": 2.1})
+    assert FINGERPRINT["seed"] == 5
+
+
+def test_more_ranks_than_chunks_is_an_error(sets):
+    with pytest.raises(ValueError, match="12 chunk.*13 processes.*rank 3 would get no chunks"):
+        CouplingStream(sets["normal"], batch_size=4, rank=3, world_size=13)
+
+
+def test_bad_arguments(sets):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+        CouplingStream(sets["normal"], batch_size=0)
+    with pytest.raises(ValueError, match="rank must be an integer in \\[0, 2\\)"):
+        CouplingStream(sets["normal"], batch_size=4, rank=2, world_size=2)
+    with pytest.raises(C.CouplingStoreError, match="cannot read coupling manifest"):
+        CouplingStream(Path(sets["normal"]).with_name("missing.json"), batch_size=4)
+
+
+def test_rank_with_only_dropped_chunks_is_an_error(tmp_path):
+    """A fixed threshold below every distance but one: some rank's epoch is entirely dropped."""
+    reader_set = make_couplings(tmp_path / "c", num_samples=32, chunk=8, num_shards=1, quantile=None)
+    d = np.concatenate([C.open_couplings(reader_set).read_chunk(i)["distance"] for i in range(4)])
+    manifest = make_couplings(tmp_path / "fixed", num_samples=32, chunk=8, num_shards=1, quantile=None,
+                              fixed_threshold=float(d.min()))
+    errors = 0
+    for rank in range(4):
+        stream = CouplingStream(manifest, batch_size=1, rank=rank, world_size=4, seed=0)
+        try:
+            next(stream)
+        except ValueError as e:
+            assert f"rank {rank} of 4 got no kept couplings in epoch 0" in str(e)
+            errors += 1
+    assert errors == 3
+
+
+def test_keyed_seed_depends_on_every_key():
+    assert keyed_seed(1, 2, 3) == keyed_seed(1, 2, 3)
+    assert len({keyed_seed(1, 2, 3), keyed_seed(1, 3, 2), keyed_seed(1, 2), keyed_seed(1, 2, 3, 0)}) == 4
+    assert 0 <= keyed_seed(2**63, 7) < 2**63

@@ -1,0 +1,298 @@
+"""Re-MeanFlow training loop: learning, exact length, outputs, kill/resume bit-exactness, config
+guard, NaN guard, stage 2 (CFG scale, clipping), argument checks, and a 2-process DDP run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from remeanflow import checkpoints, meanflow, networks, train
+from remeanflow.couplings import FingerprintMismatchError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import TRAIN_KW, make_couplings, make_teacher  # noqa: E402
+
+WORKER = Path(__file__).with_name("train_worker.py")
+REPO = Path(__file__).resolve().parent.parent
+STAGE1_STEPS = 40
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny nets gain nothing from threads on a shared 2-core machine, and the kill/resume test
+    compares against a single-threaded worker process bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    return {"root": root, "manifest": make_couplings(root / "couplings"), "teacher": make_teacher(root / "teacher.pt")}
+
+
+@pytest.fixture(scope="module")
+def stage1(data):
+    """One stage-1 run of STAGE1_STEPS steps, shared by the tests that only read it."""
+    root = data["root"] / "stage1"
+    summary = train.train_meanflow(
+        manifest=data["manifest"], init=data["teacher"], out_dir=root / "out", work_dir=root / "work", stage=1,
+        iterations=STAGE1_STEPS, checkpoint_every=10, **TRAIN_KW,
+    )
+    return {"root": root, "summary": summary}
+
+
+def run_kw(data, root: Path, **overrides) -> dict:
+    kw = dict(manifest=data["manifest"], init=data["teacher"], out_dir=root / "out", work_dir=root / "work",
+              stage=1, iterations=6, checkpoint_every=2, **TRAIN_KW)
+    kw.update(overrides)
+    return kw
+
+
+def eval_loss(net: networks.Precond, manifest) -> float:
+    """MeanFlow loss of a fixed batch of 32 couplings at fixed (t, r): a noise-free learning signal."""
+    from remeanflow.couplings import open_couplings
+
+    reader = open_couplings(manifest)
+    parts = [reader.read_chunk(i) for i in range(4)]
+    x, noise, labels = (torch.from_numpy(np.concatenate([p[k] for p in parts])) for k in ("endpoint", "noise", "label"))
+    x, noise, labels = x.float(), noise.float(), labels.long()
+    t, r = meanflow.sample_t_r(32, torch.Generator().manual_seed(123), ratio_r_neq_t=0.5)
+    net.normalize_weights_()
+    return meanflow.meanflow_loss(net, x, noise, labels, t, r).item()
+
+
+def load_state(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def start_worker(data, root: Path, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, str(WORKER), str(data["manifest"]), str(data["teacher"]), str(root / "out"),
+           str(root / "work"), *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 120) -> None:
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{out[-2000:]}\n{err[-4000:]}"
+
+
+def ckpt_steps(work: Path) -> list[int]:
+    return sorted(int(p.stem.split("-")[1]) for p in work.glob("ckpt-*.pt"))
+
+
+def metrics_steps(path: Path) -> list[int]:
+    """Steps of the live metrics CSV (a killed writer may leave a torn last line)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().splitlines()[1:]
+    return [int(line.split(",")[0]) for line in lines if line.count(",") == len(train.METRICS_COLUMNS) - 1]
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_stage1_learns_stops_exactly_and_writes_outputs(data, stage1):
+    root, summary = stage1["root"], stage1["summary"]
+    metrics = pd.read_csv(root / "out" / "metrics.csv")
+    assert list(metrics.columns) == list(train.METRICS_COLUMNS)
+    assert metrics["step"].tolist() == list(range(1, STAGE1_STEPS + 1))
+    assert (metrics["w_pi"] == 1.0).all() and (metrics["lr"] == TRAIN_KW["lr"]).all()
+    assert metrics["kept_fraction"].between(0.5, 1.0).all() and (metrics["kept_fraction"] < 1).any()
+    assert summary["steps"] == STAGE1_STEPS and summary["resumed_from"] is None
+    assert summary["final_loss"] == pytest.approx(metrics["loss"].tail(4).mean())
+
+    teacher = checkpoints.load_net(data["teacher"])["net"]
+    ema = checkpoints.load_net(root / "out" / "net_ema.pt")
+    assert ema["meta"]["stage"] == 1 and ema["meta"]["step"] == STAGE1_STEPS and ema["meta"]["seed"] == TRAIN_KW["seed"]
+    state = load_state(root / "out" / "train_state.pt")
+    assert state["format"] == train.TRAIN_STATE_FORMAT and state["step"] == STAGE1_STEPS and state["stage"] == 1
+    for k, v in state["ema"].items():
+        assert torch.equal(v, ema["net"].state_dict()[k]), k
+    model = networks.Precond(**state["init_kwargs"])
+    model.load_state_dict(state["model"])
+
+    # It learned: a fixed batch's loss dropped, for the trained model and for its EMA.
+    before = eval_loss(teacher, data["manifest"])
+    assert eval_loss(model, data["manifest"]) < 0.8 * before
+    assert eval_loss(ema["net"], data["manifest"]) < 0.9 * before  # the EMA (decay 0.9) lags the model
+    # The frozen teacher embedding / log-variance head did not learn (forced weight normalisation
+    # only projects them onto the sphere, which the forward does anyway); trained weights did.
+    for name in train.FROZEN:
+        want = networks.normalize(teacher.state_dict()[name])
+        torch.testing.assert_close(state["model"][name], want, rtol=0, atol=1e-6), name
+    assert not torch.equal(state["model"]["unet.emb_noise_t.weight"], teacher.state_dict()["unet.emb_noise_t.weight"])
+    assert not torch.equal(state["model"]["unet.out_gain"], state["ema"]["unet.out_gain"])
+
+    # Checkpoints: every 10 steps, the newest 2 kept; the last one holds the final state.
+    assert ckpt_steps(root / "work") == [30, 40]
+    last = load_state(root / "work" / "ckpt-00000040.pt")
+    assert all(torch.equal(last["ema"][k], v) for k, v in state["ema"].items())
+    assert last["metrics"].shape == (STAGE1_STEPS, len(train.METRICS_COLUMNS))
+
+
+def test_rerun_after_the_end_trains_nothing_and_extending_resumes(data, stage1, tmp_path):
+    shutil.copytree(stage1["root"] / "work", tmp_path / "work")
+    again = train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS, checkpoint_every=10))
+    assert again["steps_run"] == 0 and again["resumed_from"] == STAGE1_STEPS
+    a, b = load_state(tmp_path / "out" / "train_state.pt"), load_state(stage1["root"] / "out" / "train_state.pt")
+    assert all(torch.equal(a["ema"][k], v) for k, v in b["ema"].items())
+    longer = train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 3, checkpoint_every=10))
+    assert longer["steps_run"] == 3 and longer["resumed_from"] == STAGE1_STEPS
+    assert pd.read_csv(tmp_path / "out" / "metrics.csv")["step"].tolist() == list(range(1, STAGE1_STEPS + 4))
+
+
+def test_resume_with_changed_hyperparameters_is_refused(data, stage1, tmp_path):
+    shutil.copytree(stage1["root"] / "work", tmp_path / "work")
+    with pytest.raises(ValueError, match=r"different settings \(lr: 0.001 -> 0.002\); refusing to resume"):
+        train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, lr=2e-3))
+    with pytest.raises(ValueError, match=r"ema_decay: 0.9 -> 0.8; seed: 3 -> 4"):
+        train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, ema_decay=0.8, seed=4))
+    assert not (tmp_path / "out").exists()
+    assert ckpt_steps(tmp_path / "work") == [30, 40]
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
+    """SIGKILL a worker between checkpoints (after it logged steps past the last one), rerun it to
+    the end: EMA, model and logged losses equal an uninterrupted run's exactly."""
+    iterations = 12
+    ref = train.train_meanflow(**run_kw(data, tmp_path / "ref", iterations=iterations, checkpoint_every=3))
+
+    run = tmp_path / "killed"
+    proc = start_worker(data, run, "--iterations", str(iterations), "--checkpoint-every", "3", "--sleep", "0.25")
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and proc.poll() is None:
+            steps = ckpt_steps(run / "work")
+            if steps and max(metrics_steps(run / "work" / "metrics.csv"), default=0) > steps[-1]:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, f"worker ended before it could be killed: {proc.communicate()}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    killed_at = ckpt_steps(run / "work")[-1]
+    assert 3 <= killed_at < iterations
+    assert max(metrics_steps(run / "work" / "metrics.csv")) > killed_at  # rows the rerun must drop
+    assert not (run / "out").exists() or not any((run / "out").iterdir()), "outputs written before the end"
+
+    summary_path = tmp_path / "summary.json"
+    finish(start_worker(data, run, "--iterations", str(iterations), "--checkpoint-every", "3",
+                        "--summary", str(summary_path)))
+    assert json.loads(summary_path.read_text())["resumed_from"] == killed_at
+
+    got, want = load_state(run / "out" / "train_state.pt"), load_state(tmp_path / "ref" / "out" / "train_state.pt")
+    for part in ("ema", "model"):
+        for k, v in want[part].items():
+            assert torch.equal(got[part][k], v), f"{part}.{k} differs after kill/resume"
+    m_got, m_want = pd.read_csv(run / "out" / "metrics.csv"), pd.read_csv(tmp_path / "ref" / "out" / "metrics.csv")
+    assert m_got["step"].tolist() == list(range(1, iterations + 1))  # no duplicates, no gaps
+    cols = ["loss", "mse", "grad_norm", "kept_fraction"]
+    assert m_got[cols].equals(m_want[cols])
+    assert metrics_steps(run / "work" / "metrics.csv") == list(range(1, iterations + 1))
+    assert ref["steps_run"] == iterations
+
+
+def test_nan_loss_stops_without_outputs_and_keeps_the_last_checkpoint(data, tmp_path):
+    kw = run_kw(data, tmp_path, iterations=5, checkpoint_every=2)
+    with pytest.raises(train.NonFiniteError, match=r"non-finite loss \(nan\) at step 3") as info:
+        train.train_meanflow(**kw, fail_at_step=3)
+    assert isinstance(info.value, FloatingPointError)
+    assert not (tmp_path / "out").exists()
+    assert ckpt_steps(tmp_path / "work") == [2]
+    assert load_state(tmp_path / "work" / "ckpt-00000002.pt")["step"] == 2
+    # The same run without the fault resumes from that checkpoint and finishes.
+    done = train.train_meanflow(**kw)
+    assert done["resumed_from"] == 2 and (tmp_path / "out" / "net_ema.pt").exists()
+
+
+def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
+    init = stage1["root"] / "out" / "train_state.pt"
+    kw = dict(run_kw(data, tmp_path, stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1e-12), ema_decay=0.0)
+    summary = train.train_meanflow(**kw)
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert metrics["w_pi"].between(1.0, 2.5).all() and metrics["w_pi"].nunique() == 4
+    assert metrics["w_pi"].tolist() == [train.draw_w_pi(TRAIN_KW["seed"], s, 2.5) for s in range(1, 5)]
+    assert (metrics["grad_norm"] > 1e-6).all()  # the logged norm is the one before clipping
+    assert summary["stage"] == 2 and checkpoints.load_net(tmp_path / "out" / "net_ema.pt")["meta"]["stage"] == 2
+
+    # Clipping to 1e-12 makes Adam's steps ~1e-4 of their unclipped size (the gradient falls
+    # far below eps): the model barely leaves its stage-1 start, unlike an unclipped run.
+    state = load_state(init)
+    net = networks.Precond(**state["init_kwargs"])
+    net.load_state_dict(state["model"])
+    net.normalize_weights_()  # the first step's projection is not an optimiser update
+    start = net.state_dict()
+    clipped = load_state(tmp_path / "out" / "train_state.pt")["model"]
+    free = tmp_path / "free"
+    train.train_meanflow(**dict(kw, out_dir=free / "out", work_dir=free / "work", grad_clip=None))
+    unclipped = load_state(free / "out" / "train_state.pt")["model"]
+
+    def moved(sd):
+        return max((sd[k] - start[k]).abs().max().item() for k in start)
+
+    assert moved(unclipped) > 1e-4 and moved(clipped) < 1e-3 * moved(unclipped)
+
+
+def test_stage2_starts_from_stage1_model_and_ema(stage1):
+    state = load_state(stage1["root"] / "out" / "train_state.pt")
+    start = train._load_start(stage1["root"] / "out" / "train_state.pt", stage=2)
+    assert all(torch.equal(start.net.state_dict()[k], v) for k, v in state["model"].items())
+    assert all(torch.equal(start.ema.state_dict()[k], v) for k, v in state["ema"].items())
+    with pytest.raises(ValueError, match="not a Re-MeanFlow train_state.pt"):
+        train._load_start(stage1["root"] / "out" / "net_ema.pt", stage=2)
+
+
+def test_bad_arguments_fail_before_training(data, tmp_path):
+    with pytest.raises(ValueError, match="w_max is a stage-2 setting"):
+        train.train_meanflow(**run_kw(data, tmp_path, w_max=2.0))
+    with pytest.raises(ValueError, match="stage 2 needs w_max >= 1"):
+        train.train_meanflow(**run_kw(data, tmp_path, stage=2))
+    with pytest.raises(ValueError, match=r"time_sampler: unknown keys \['ratio'\]"):
+        train.train_meanflow(**dict(run_kw(data, tmp_path), time_sampler={"ratio": 0.5}))
+    with pytest.raises(ValueError, match="mixed_precision must be one of"):
+        train.train_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
+    with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
+        train._validate(1, 10, 8, 3, None, None, 0.1, 0.9, {}, "forward", 1, 1)
+    other = tmp_path / "other.pt"
+    checkpoints.save_net(other, networks.build("tiny", img_resolution=16))
+    with pytest.raises(ValueError, match=r"couplings are \[2, 8, 8\] but the net in .*other.pt expects \[2, 16, 16\]"):
+        train.train_meanflow(**run_kw(data, tmp_path, init=other))
+    with pytest.raises(FingerprintMismatchError, match="'teacher_sha256' is 'a+' in the couplings but '0'"):
+        train.train_meanflow(**run_kw(data, tmp_path, expected_fingerprint={"teacher_sha256": "0"}))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_process_ddp_run_keeps_ranks_in_sync(data, tmp_path):
+    """Real 2-rank CPU DDP (gloo) through accelerate launch: global batch 8 = 2 x 4, and both
+    ranks end with identical weights (gradients were all-reduced through the DDP wrapper)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           str(WORKER), str(data["manifest"]), str(data["teacher"]), str(tmp_path / "out"), str(tmp_path / "work"),
+           "--iterations", "4", "--checkpoint-every", "2", "--summary", str(tmp_path / "summary.json")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"summary.json.rank{r}").read_text()) for r in range(2)]
+    assert [s["world_size"] for s in ranks] == [2, 2]
+    assert ranks[0]["model_sha256"] == ranks[1]["model_sha256"]
+    assert pd.read_csv(tmp_path / "out" / "metrics.csv")["step"].tolist() == [1, 2, 3, 4]
+    streams = load_state(tmp_path / "work" / "ckpt-00000004.pt")["streams"]
+    assert [s["rank"] for s in streams] == [0, 1] and all(s["batch_size"] == 4 for s in streams)
