@@ -42,6 +42,21 @@ def dataset_source():
     return config["dataset"]["source"]
 
 
+def train_cfg(stage):
+    """Config subset of one training stage: shared keys, the stage's own, and what the couplings were made with."""
+    keys = [k for k in config["train"] if k not in ("stage1", "stage2", "processes")]
+    return {
+        **{k: config["train"][k] for k in keys},
+        **config["train"][stage],
+        "seed": config["seed"],
+        "couplings_seed": config["seed"],
+        "sampler": {
+            k: config["couplings"][k]
+            for k in ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
+        },
+    }
+
+
 def final_targets():
     return [f"{RUN}/reflow/manifest.json"] + [
         f"{RUN}/eval/{stage}/metrics.json" for stage in ("stage1", "stage2")

@@ -3,20 +3,6 @@
 # checkpoint in its work folder, which Snakemake does not own and so never deletes.
 
 
-def train_cfg(stage):
-    keys = [k for k in config["train"] if k not in ("stage1", "stage2", "processes")]
-    return {
-        **{k: config["train"][k] for k in keys},
-        **config["train"][stage],
-        "seed": config["seed"],
-        "couplings_seed": config["seed"],
-        "sampler": {
-            k: config["couplings"][k]
-            for k in ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
-        },
-    }
-
-
 rule init_time_embedding:
     input:
         teacher=f"{RUN}/teacher/net.pt",

@@ -59,10 +59,9 @@ def write_config(workdir: Path, overrides: dict | None = None, base: dict | None
 
 def snakemake_cmd(workdir: Path, configfile: Path | None, *args: str) -> list[str]:
     cmd = [sys.executable, "-m", "snakemake", "-s", str(REPO / "Snakefile"), "--directory", str(workdir),
-           "--cores", "2"]
-    if configfile is not None:
-        cmd += ["--configfile", str(configfile)]
-    return cmd + list(args)
+           "--cores", "2", *args]
+    # --configfile takes several values: it goes last so that targets in `args` stay targets
+    return cmd + (["--configfile", str(configfile)] if configfile is not None else [])
 
 
 def run_snakemake(workdir: Path, configfile: Path | None, *args: str, check: bool = True, timeout: int = 600):

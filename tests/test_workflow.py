@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO, run_snakemake, snakemake_cmd, write_config
+from conftest import REPO, TINY, run_snakemake, snakemake_cmd, write_config
 from remeanflow import provenance
 from remeanflow.couplings import completion_mask, open_couplings, verify_shard
 
@@ -54,10 +54,14 @@ def test_tiny_pipeline_outputs_and_provenance(tiny_run):
 
     # every output of every rule has a sidecar, and lineage reaches the archive and the teacher
     for out in ["source/toy_train.tar", "data/raw/toy_train.tar", "data/parts/part-00000.zarr", "data/images.zarr",
-                "data/labels.csv", "teacher/net.pt", "teacher/guide.pt", "reflow/index.zarr",
-                "reflow/couplings/shard-00001.zarr", "reflow/manifest.json"]:
+                "data/labels.csv", "teacher/net.pt", "teacher/guide.pt", "teacher/metrics.csv", "reflow/index.zarr",
+                "reflow/couplings/shard-00001.zarr", "reflow/manifest.json", "time_emb/net.pt", "time_emb/fit.json",
+                "train/stage1/train_state.pt", "train/stage1/net_ema.pt", "train/stage1/metrics.csv",
+                "train/stage2/net_ema.pt", "eval/heldout.npz", "eval/stage1/metrics.json", "eval/stage2/samples.png",
+                "eval/stage2/metrics.json"]:
         assert provenance.sidecar_path(run / out).is_file(), out
-    tree = provenance.lineage(run / "reflow" / "manifest.json")
+    # the final metrics lead back to the dataset archive's and the teacher's checksums
+    tree = provenance.lineage(run / "eval" / "stage2" / "metrics.json")
     flat = []
 
     def walk(node):
@@ -72,6 +76,8 @@ def test_tiny_pipeline_outputs_and_provenance(tiny_run):
     teacher_sha = (run / "teacher" / "net.pt.sha256").read_text().split()[0]
     assert any(n["path"].endswith("teacher/net.pt") and n["sha256"] == teacher_sha for n in flat)
     assert manifest["fingerprint"]["teacher_sha256"] == teacher_sha
+    assert {n["rule"] for n in flat} >= {"evaluate", "train_stage2", "train_stage1", "init_time_embedding",
+                                          "couplings_merge", "couplings_shard", "train_teacher", "download_dataset"}
     side = provenance.read(run / "reflow" / "manifest.json")
     assert side["rule"] == "couplings_merge" and side["config"]["truncation_quantile"] == 0.9
     assert side["code"]["package_hash"] and "torch" in side["packages"]
@@ -111,9 +117,10 @@ def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
     _, _, run = tiny_run
     dst = _reuse_upstream(run, tmp_path, "three")
     cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3, "processes": 2}})
-    planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n")))
+    target = "results/three/reflow/manifest.json"
+    planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n", target)))
     assert "train_teacher" not in planned and "preprocess_shard" not in planned, planned
-    run_snakemake(tmp_path, cfg)
+    run_snakemake(tmp_path, cfg, target)
     assert len(list((dst / "reflow" / "couplings").glob("shard-*.zarr"))) == 3
     log = (dst / "logs" / "couplings_shard" / "00000.log").read_text()
     assert "rank 1 of 2" in log and "rank 0 of 2" in log, "the shard job did not run two processes"
@@ -130,7 +137,8 @@ def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
     over = {"run_name": "killed", "couplings": {"num_shards": 1, "batch": 2, "heun_steps": 60}}
     cfg = write_config(tmp_path, over)
     work = dst / "reflow" / "work" / "shard-00000.zarr"
-    proc = subprocess.Popen(snakemake_cmd(tmp_path, cfg), start_new_session=True,
+    target = "results/killed/reflow/manifest.json"
+    proc = subprocess.Popen(snakemake_cmd(tmp_path, cfg, target), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     try:
@@ -155,12 +163,12 @@ def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
     assert not (dst / "reflow" / "manifest.json").exists()
 
     run_snakemake(tmp_path, cfg, "--unlock")  # what a user does after a killed run
-    run_snakemake(tmp_path, cfg, "--rerun-incomplete")
+    run_snakemake(tmp_path, cfg, "--rerun-incomplete", target)
     assert not list((dst / "reflow" / "work").glob("*"))
     reference_dir = tmp_path / "ref"
     reference_dir.mkdir()
     _reuse_upstream(run, reference_dir, "killed")
-    run_snakemake(reference_dir, write_config(reference_dir, over))
+    run_snakemake(reference_dir, write_config(reference_dir, over), target)
     resumed = _couplings_by_id(dst / "reflow" / "manifest.json")
     uninterrupted = _couplings_by_id(reference_dir / "results" / "killed" / "reflow" / "manifest.json")
     for key in ("sample_id", "label", "noise", "endpoint"):
@@ -239,8 +247,35 @@ def test_changing_a_sampler_setting_reruns_couplings_only(tiny_run):
     proc = run_snakemake(workdir, changed, "-n")
     counts = _job_counts(proc.stdout + proc.stderr)
     assert counts.get("couplings_shard") == 2 and counts.get("couplings_merge") == 1
+    assert counts.get("train_stage1") == 1 and counts.get("evaluate") == 2  # everything downstream reruns
     for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index"):
         assert upstream not in counts
+    write_config(workdir)  # restore for other tests
+
+
+def test_training_results_are_complete(tiny_run):
+    import pandas as pd
+
+    _, _, run = tiny_run
+    for stage, steps in (("stage1", TINY["train"]["stage1"]["iterations"]), ("stage2", TINY["train"]["stage2"]["iterations"])):
+        metrics = pd.read_csv(run / "train" / stage / "metrics.csv")
+        assert metrics["step"].tolist() == list(range(1, steps + 1))
+        assert np.isfinite(metrics["loss"]).all()
+        ev = json.loads((run / "eval" / stage / "metrics.json").read_text())
+        assert {r["name"] for r in ev["rows"]} == {"one_step", "initial_one_step", "teacher_1step", "teacher_endpoint"}
+        assert any("FID skipped" in note for note in ev["notes"])
+    w_pi = pd.read_csv(run / "train" / "stage2" / "metrics.csv")["w_pi"]
+    assert ((w_pi >= 1) & (w_pi <= TINY["train"]["stage2"]["w_max"])).all() and w_pi.nunique() > 1
+
+
+def test_changing_a_training_setting_reruns_training_only(tiny_run):
+    workdir, _, _ = tiny_run
+    changed = write_config(workdir, {"train": {"lr": 5e-4}})
+    counts = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, changed, "-n")))
+    assert counts.get("train_stage1") == 1 and counts.get("train_stage2") == 1 and counts.get("evaluate") == 2
+    for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index",
+                     "couplings_shard", "couplings_merge", "init_time_embedding", "heldout_couplings"):
+        assert upstream not in counts, upstream
     write_config(workdir)  # restore for other tests
 
 
