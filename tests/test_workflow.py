@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-
+import zarr
 from conftest import REPO, TINY, run_snakemake, snakemake_cmd, write_config
+
 from remeanflow import provenance
 from remeanflow.couplings import completion_mask, open_couplings, verify_shard
 
@@ -130,6 +131,7 @@ def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
         assert np.array_equal(two[key], three[key]), key
 
 
+
 def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
     _, _, run = tiny_run
     dst = _reuse_upstream(run, tmp_path, "killed")
@@ -213,6 +215,51 @@ def test_path_traversal_member_is_rejected(tmp_path):
     proc = _run_on_archive(tmp_path, bad)
     assert proc.returncode != 0
     assert not (tmp_path / "results" / "bad" / "data" / "images.zarr").exists()
+
+
+def _archive_with_corrupt_images(path: Path, good: int, bad: int) -> None:
+    """An ImageNet-style archive (tar of per-class tars) with `bad` undecodable JPEGs in class 0."""
+    import io
+
+    from remeanflow.data.toy import render_image, synset_name
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w") as outer:
+        for k in range(2):
+            inner = io.BytesIO()
+            with tarfile.open(fileobj=inner, mode="w") as tar:
+                for i in range(good):
+                    jpeg = io.BytesIO()
+                    render_image(k, i, size=16, seed=0).save(jpeg, format="JPEG")
+                    add(tar, f"{synset_name(k)}_{i}.JPEG", jpeg.getvalue())
+                for i in range(bad if k == 0 else 0):
+                    add(tar, f"{synset_name(k)}_bad{i}.JPEG", b"\xff\xd8 this is not a JPEG")
+            add(outer, f"{synset_name(k)}.tar", inner.getvalue())
+
+
+@pytest.mark.parametrize("bad, allowed", [(1, True), (4, False)])
+def test_corrupt_images_are_counted_and_fail_above_the_threshold(tmp_path, bad, allowed):
+    archive = tmp_path / "corrupt.tar"
+    _archive_with_corrupt_images(archive, good=10, bad=bad)  # class 0: bad / (10 + bad) corrupt
+    over = {"run_name": "bad", "dataset": {"toy": None, "source": str(archive), "archive_name": "train.tar",
+                                           "max_bad_fraction": 0.1, "preprocess_shards": 1}}
+    target = "results/bad/data/images.zarr"
+    proc = run_snakemake(tmp_path, write_config(tmp_path, over), target, check=False)
+    images = tmp_path / target
+    if allowed:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        attrs = zarr.open_group(images, mode="r").attrs
+        assert attrs["num_bad"] == 1 and attrs["num_images"] == 20
+        assert provenance.read(images)["extra"]["report"]["num_bad"] == 1
+    else:
+        assert proc.returncode != 0
+        log = (tmp_path / "results" / "bad" / "logs" / "preprocess_shard" / "00000.log").read_text()
+        assert "TooManyBadImagesError" in log and "_bad0.JPEG" in log
+        assert not images.exists() and not (tmp_path / "results/bad/data/parts/part-00000.zarr").exists()
 
 
 def test_misspelled_or_mistyped_config_key_is_named(tmp_path):
