@@ -19,6 +19,15 @@ dropped from a window (with the official per-batch threshold the batch size vari
 processes can desync). The stream position is (epoch, window, offset into the window);
 `state_dict()` returns it and `CouplingStream(..., state=...)` resumes there by recomputing that
 window and skipping `offset` samples -- no RNG state is stored.
+
+Another layout. A position means other data once the number of ranks (or the per-rank batch)
+changes: rank r of W reads other chunks than rank r of W'. `CouplingStream(..., relayout=states)`
+takes the saved states of *all* ranks of the old layout and starts at the first window of
+`first_unstarted_epoch(states)`, the first epoch none of them drew a sample from. Within every
+epoch each kept coupling is still drawn exactly once across ranks; the price is that the
+couplings the old ranks had not yet drawn from their epochs in progress are skipped: the rest of
+each old rank's epoch, plus any epoch it lagged behind the furthest rank (ranks keep different
+numbers of couplings per epoch, so they drift apart slowly) -- usually less than one epoch.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ _STATE_KEYS = (
     "seed", "rank", "world_size", "batch_size", "window_chunks", "truncate", "num_chunks", "total", "threshold",
     "fingerprint_hash",
 )
+# What only fixes a rank's place in a layout; the other keys must agree even across layouts.
+_LAYOUT_KEYS = ("rank", "world_size", "batch_size")
 
 
 def keyed_seed(*keys: int) -> int:
@@ -67,6 +78,26 @@ def check_fingerprint_subset(reader: CouplingReader, expected: dict[str, Any]) -
             )
 
 
+def _check_state_format(state: Any) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise ValueError(f"not a CouplingStream state (format {STATE_FORMAT!r} expected): {state!r:.200}")
+    for k in ("epoch", "window", "offset"):
+        _require_int(f"state[{k!r}]", state.get(k), 0)
+
+
+def first_unstarted_epoch(states: list[dict[str, Any]]) -> int:
+    """The first epoch from which none of the saved rank positions `states` has drawn a sample.
+
+    A rank at (epoch e, window 0, offset 0) has drawn nothing from e (a finished epoch moves the
+    position to the start of the next one); any other position has started its epoch.
+    """
+    if not states:
+        raise ValueError("no saved stream states")
+    for state in states:
+        _check_state_format(state)
+    return max(int(s["epoch"]) + int(s["window"] > 0 or s["offset"] > 0) for s in states)
+
+
 class CouplingStream(Iterator[dict[str, Any]]):
     """Infinite per-process batches {x, noise, label, sample_id, kept_fraction} (see module docstring).
 
@@ -77,7 +108,8 @@ class CouplingStream(Iterator[dict[str, Any]]):
     manifest: path of a coupling manifest, or an open `CouplingReader`. truncate=False ignores the
     manifest's truncation (every coupling is used). expected_fingerprint: a subset of the
     fingerprint the couplings must have been made with. state: a `state_dict()` of a stream with
-    the same settings, to resume.
+    the same settings, to resume. relayout: instead, the states of every rank of a layout with
+    another world size or per-rank batch (module docstring, "Another layout").
     """
 
     def __init__(
@@ -91,6 +123,7 @@ class CouplingStream(Iterator[dict[str, Any]]):
         window_chunks: int = 4,
         truncate: bool = True,
         state: dict[str, Any] | None = None,
+        relayout: list[dict[str, Any]] | None = None,
         expected_fingerprint: dict[str, Any] | None = None,
     ):
         _require_int("batch_size", batch_size, 1)
@@ -111,9 +144,14 @@ class CouplingStream(Iterator[dict[str, Any]]):
         self.batch_size, self.rank, self.world_size = int(batch_size), int(rank), int(world_size)
         self.seed, self.window_chunks, self.truncate = int(seed), int(window_chunks), bool(truncate)
         self.epoch, self.window, self.offset = 0, 0, 0
+        if state is not None and relayout is not None:
+            raise ValueError("pass either state (same layout) or relayout (another layout), not both")
         if state is not None:
             self._check_state(state)
             self.epoch, self.window, self.offset = int(state["epoch"]), int(state["window"]), int(state["offset"])
+        if relayout is not None:
+            self._check_relayout(relayout)
+            self.epoch = first_unstarted_epoch(relayout)
         self._samples: dict[str, np.ndarray] | None = None  # the current window, shuffled
         self._window_kept = self._window_total = 0
         self._chunks, self._chunks_epoch = np.empty(0, np.int64), -1
@@ -135,16 +173,30 @@ class CouplingStream(Iterator[dict[str, Any]]):
         return {"format": STATE_FORMAT, "epoch": self.epoch, "window": self.window, "offset": self.offset,
                 **self._settings()}
 
-    def _check_state(self, state: dict[str, Any]) -> None:
+    def _check_state(self, state: dict[str, Any], keys: tuple[str, ...] = _STATE_KEYS) -> None:
         """Refuse a state saved by a stream with other settings (its position would mean other data)."""
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError(f"not a CouplingStream state (format {STATE_FORMAT!r} expected): {state!r:.200}")
+        _check_state_format(state)
         mine = self._settings()
-        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in _STATE_KEYS if state.get(k) != mine[k]]
+        diff = [f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
         if diff:
             raise ValueError(f"cannot resume the coupling stream of {self.reader.manifest_path}: " + "; ".join(diff))
-        for k in ("epoch", "window", "offset"):
-            _require_int(f"state[{k!r}]", state.get(k), 0)
+
+    def _check_relayout(self, states: list[dict[str, Any]]) -> None:
+        """The states must be one whole layout (ranks 0..W-1 of one world size and batch) of a
+        stream that differs from this one only in layout: otherwise the epoch they reached
+        would not say which couplings are still unseen."""
+        if not isinstance(states, (list, tuple)) or not states:
+            raise ValueError(f"relayout needs the saved states of every rank, got {states!r:.200}")
+        for state in states:
+            self._check_state(state, tuple(k for k in _STATE_KEYS if k not in _LAYOUT_KEYS))
+        world = len(states)
+        ranks = [s.get("rank") for s in states]
+        if ranks != list(range(world)) or any(s.get("world_size") != world for s in states):
+            raise ValueError(f"relayout needs the states of ranks 0..{world - 1} of one layout, got ranks {ranks} "
+                             f"with world sizes {[s.get('world_size') for s in states]}")
+        batches = [s.get("batch_size") for s in states]
+        if len(set(batches)) != 1:
+            raise ValueError(f"relayout: the saved ranks have different batch sizes {batches}")
 
     def epoch_chunks(self, epoch: int) -> np.ndarray:
         """This rank's chunk indices for `epoch`: every world_size-th entry of the permuted list."""

@@ -28,7 +28,7 @@ TINY = {
     "teacher": {"train": {"preset": "tiny", "steps": 16, "batch_size": 16, "guide_step": 4, "rampup_steps": 4}},
     "couplings": {"passes": 1, "num_shards": 2, "batch": 8, "heun_steps": 3},
     "time_embedding": {"steps": 10, "batch": 64},
-    "train": {"batch_size": 8, "checkpoint_every": 4, "window_chunks": 2,
+    "train": {"batch_size": 8, "checkpoint_every": 4, "snapshot_every": 4, "window_chunks": 2,
               "stage1": {"iterations": 8, "grad_clip": None, "w_max": None},
               "stage2": {"iterations": 6, "grad_clip": 1.0, "w_max": 2.0}},
     "evaluate": {"num_samples": 16, "batch": 8, "grid_per_class": 1},

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from remeanflow import couplings as C
-from remeanflow.loader import CouplingStream, keyed_seed
+from remeanflow.loader import CouplingStream, first_unstarted_epoch, keyed_seed
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import FINGERPRINT, make_couplings  # noqa: E402
@@ -174,6 +174,56 @@ def test_resume_from_state_equals_continuing(sets, which, batch, stop):
     resumed = CouplingStream(sets[which], state=state, **kw)
     got = take_ids(resumed, 12)
     assert all(np.array_equal(x, y) for x, y in zip(got, expected[stop:]))
+
+
+def test_first_unstarted_epoch():
+    state = {"format": "remeanflow.coupling-stream/1"}  # only the format and position fields matter here
+
+    def at(epoch, window, offset):
+        return dict(state, epoch=epoch, window=window, offset=offset)
+
+    assert first_unstarted_epoch([at(3, 0, 0), at(2, 1, 0)]) == 3  # (3, 0, 0) drew nothing from epoch 3
+    assert first_unstarted_epoch([at(3, 0, 0), at(3, 0, 2)]) == 4
+    assert first_unstarted_epoch([at(0, 2, 0)]) == 1
+    with pytest.raises(ValueError, match="no saved stream states"):
+        first_unstarted_epoch([])
+    with pytest.raises(ValueError, match=r"state\['offset'\] must be an integer >= 0"):
+        first_unstarted_epoch([at(1, 0, -1)])
+
+
+@pytest.mark.parametrize("which", ["normal", "heavy"])
+def test_relayout_starts_at_the_first_unstarted_epoch_and_covers_it(sets, which):
+    """2 ranks x 3 per batch -> 1 rank x 6: the new stream starts at the first window of the first
+    epoch neither old rank had started, and reads every kept coupling of it exactly once."""
+    kw = dict(seed=8, window_chunks=2)
+    old = [CouplingStream(sets[which], batch_size=3, rank=r, world_size=2, **kw) for r in range(2)]
+    for s, n in zip(old, (5, 9)):
+        take_ids(s, n)
+    states = [s.state_dict() for s in old]
+    epoch = max(s["epoch"] + (1 if s["window"] or s["offset"] else 0) for s in states)
+    new = CouplingStream(sets[which], batch_size=1, relayout=states, **kw)
+    assert (new.epoch, new.window, new.offset) == (epoch, 0, 0) and epoch >= 1
+    ids = np.concatenate(take_ids(new, samples_per_epoch(new, epoch)))
+    np.testing.assert_array_equal(np.sort(ids), np.sort(kept_ids(sets[which])))
+    assert new.epoch == epoch + 1
+
+
+def test_relayout_refuses_what_is_not_one_whole_layout_of_the_same_stream(sets):
+    kw = dict(seed=8, window_chunks=2)
+    old = [CouplingStream(sets["normal"], batch_size=3, rank=r, world_size=2, **kw) for r in range(2)]
+    states = [s.state_dict() for s in old]
+    with pytest.raises(ValueError, match=r"ranks 0..0 of one layout, got ranks \[1\]"):
+        CouplingStream(sets["normal"], batch_size=6, relayout=states[1:], **kw)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        CouplingStream(sets["normal"], batch_size=6, relayout=[states[0], dict(states[1], batch_size=4)], **kw)
+    with pytest.raises(ValueError, match="seed: saved 8, now 9"):
+        CouplingStream(sets["normal"], batch_size=6, relayout=states, **dict(kw, seed=9))
+    with pytest.raises(ValueError, match="threshold"):
+        CouplingStream(sets["heavy"], batch_size=6, relayout=states, **kw)
+    with pytest.raises(ValueError, match="either state .* or relayout"):
+        CouplingStream(sets["normal"], batch_size=3, rank=0, world_size=2, state=states[0], relayout=states, **kw)
+    with pytest.raises(ValueError, match="every rank"):
+        CouplingStream(sets["normal"], batch_size=6, relayout=[], **kw)
 
 
 def test_resume_refuses_other_settings(sets):

@@ -1,5 +1,6 @@
 """Re-MeanFlow training loop: learning, exact length, outputs, kill/resume bit-exactness, config
-guard, NaN guard, stage 2 (CFG scale, clipping), argument checks, and a 2-process DDP run."""
+guard, NaN guard, EMA snapshots, stage 2 (CFG scale, clipping), argument checks, and a 2-process
+DDP run (the multi-process checks proper are in test_ddp.py)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from remeanflow import checkpoints, meanflow, networks, train
 from remeanflow.couplings import FingerprintMismatchError
+from remeanflow.fileio import sha256_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import TRAIN_KW, make_couplings, make_teacher  # noqa: E402
@@ -222,6 +224,35 @@ def test_nan_loss_stops_without_outputs_and_keeps_the_last_checkpoint(data, tmp_
     assert done["resumed_from"] == 2 and (tmp_path / "out" / "net_ema.pt").exists()
 
 
+def test_snapshots_keep_the_ema_of_every_nth_step(data, tmp_path):
+    kw = run_kw(data, tmp_path / "a", iterations=4, checkpoint_every=3, keep_checkpoints=1, snapshot_every=2)
+    train.train_meanflow(**kw)
+    work = tmp_path / "a" / "work"
+    snaps = sorted((work / "snapshots").glob("*.pt"))
+    assert snaps == [train.snapshot_path(work, 2), train.snapshot_path(work, 4)]
+    assert [p.name for p in snaps] == ["ema-step-00000002.pt", "ema-step-00000004.pt"]
+    # Step 2's snapshot is the EMA a 2-step run ends with; step 4's is this run's final EMA.
+    train.train_meanflow(**run_kw(data, tmp_path / "b", iterations=2))
+    config_hash = load_state(tmp_path / "a" / "out" / "train_state.pt")["config_hash"]
+    for path, step, final in ((snaps[0], 2, tmp_path / "b"), (snaps[1], 4, tmp_path / "a")):
+        snap = checkpoints.load_net(path)
+        assert snap["meta"] == dict(stage=1, step=step, seed=TRAIN_KW["seed"], ema_decay=TRAIN_KW["ema_decay"],
+                                    config_hash=config_hash, num_processes=1)
+        want = checkpoints.load_net(final / "out" / "net_ema.pt")["net"].state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in snap["net"].state_dict().items()), path
+        assert Path(f"{path}.sha256").read_text().split()[0] == sha256_file(path)
+    first = sha256_file(snaps[0])
+
+    # Extending the run adds snapshots; the earlier ones stay as they were (never pruned).
+    train.train_meanflow(**dict(kw, iterations=6))
+    assert sorted(p.name for p in (work / "snapshots").glob("*.pt"))[-1] == "ema-step-00000006.pt"
+    assert len(list((work / "snapshots").glob("*.pt"))) == 3 and sha256_file(snaps[0]) == first
+    assert ckpt_steps(work) == [6]
+    with pytest.raises(ValueError, match="snapshot_every must be an integer >= 1, got 0"):
+        train.train_meanflow(**run_kw(data, tmp_path / "c", snapshot_every=0))
+    assert not (tmp_path / "c").exists()
+
+
 def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
     init = stage1["root"] / "out" / "train_state.pt"
     kw = dict(run_kw(data, tmp_path, stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1e-12), ema_decay=0.0)
@@ -269,7 +300,7 @@ def test_bad_arguments_fail_before_training(data, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         train.train_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
-        train._validate(1, 10, 8, 3, None, None, 0.1, 0.9, {}, "forward", 1, 1)
+        train._check_layout(dict(batch_size=8, jvp="forward"), 3)
     other = tmp_path / "other.pt"
     checkpoints.save_net(other, networks.build("tiny", img_resolution=16))
     with pytest.raises(ValueError, match=r"couplings are \[2, 8, 8\] but the net in .*other.pt expects \[2, 16, 16\]"):
