@@ -12,6 +12,7 @@ include: "rules/teacher.smk"
 include: "rules/couplings.smk"
 include: "rules/training.smk"
 include: "rules/evaluate.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -176,9 +176,10 @@ def _root(artifact: Path, record: dict) -> Path:
     return Path(record.get("workdir") or ".")
 
 
-def lineage(artifact, _seen=None) -> dict:
-    """Tree of sidecars from `artifact` back to artifacts without one (raw archives, user files)."""
-    _seen = set() if _seen is None else _seen
+def lineage(artifact, seen: set | None = None) -> dict:
+    """Tree of sidecars from `artifact` back to artifacts without one (raw archives, user files).
+    Artifacts already in `seen` (resolved paths; shared across calls if given) are not expanded again."""
+    _seen = set() if seen is None else seen
     artifact = Path(artifact)
     record = read(artifact)
     node = {"path": str(artifact), "rule": None, "sha256": None, "inputs": []}

@@ -58,6 +58,6 @@ def train_cfg(stage):
 
 
 def final_targets():
-    return [f"{RUN}/reflow/manifest.json"] + [
+    return [f"{RUN}/reflow/manifest.json", f"{RUN}/report/index.html"] + [
         f"{RUN}/eval/{stage}/metrics.json" for stage in ("stage1", "stage2")
     ]
