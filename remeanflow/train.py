@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -342,19 +343,40 @@ def _find_resume_checkpoint(accelerator: Accelerator, work_dir: Path) -> tuple[P
     return Path(picked), obj
 
 
-def _check_resumable(path: Path, obj: dict[str, Any], config: dict[str, Any], iterations: int) -> None:
-    """Refuse a checkpoint made with other hyperparameters (named), or past the end of this run.
+def _config_diff(obj: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Hyperparameters (and init/coupling identity) that differ between a checkpoint and this run.
     The layout (number of processes) may differ: `_open_stream` handles that."""
     saved = {k: v for k, v in obj["config"].items() if k not in _LAYOUT_CONFIG_KEYS}
-    if json_sha256(saved) != json_sha256(config):
-        diff = [f"{k}: {saved.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}"
-                for k in _diff_keys(saved, config)]
+    if json_sha256(saved) == json_sha256(config):
+        return []
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}" for k in _diff_keys(saved, config)]
+
+
+def _check_resumable(path: Path, obj: dict[str, Any], config: dict[str, Any], iterations: int) -> None:
+    """Refuse a checkpoint made with other hyperparameters (named), or past the end of this run."""
+    diff = _config_diff(obj, config)
+    if diff:
         raise ValueError(
             f"{path}: this work_dir was trained with different settings ({'; '.join(diff)}); refusing to resume. "
             "Use another work_dir (or delete this one) to start over."
         )
     if obj["step"] > iterations:
         raise ValueError(f"{path}: checkpoint at step {obj['step']} is past iterations={iterations}")
+
+
+def _archive_stale_work_dir(accelerator: Accelerator, work_dir: Path, obj: dict[str, Any], diff: list[str]) -> None:
+    """Move a work_dir made with other settings aside (never deleted: its checkpoints and snapshots
+    stay auditable) so that this run starts fresh. Used by the workflow, where a rerun with changed
+    inputs or parameters is Snakemake's decision, not a resume."""
+    stale = work_dir.with_name(f"{work_dir.name}.stale-{str(obj.get('config_hash', 'unknown'))[:12]}")
+    if accelerator.is_main_process:
+        if stale.exists():
+            shutil.rmtree(stale)
+        work_dir.rename(stale)
+        work_dir.mkdir(parents=True)
+        log.warning("%s was trained with other settings (%s): moved to %s, starting fresh",
+                    work_dir, "; ".join(diff), stale)
+    accelerator.wait_for_everyone()
 
 
 def _prune_checkpoints(work_dir: Path, keep: int) -> None:
@@ -614,6 +636,7 @@ def train_meanflow(
     expected_fingerprint: dict[str, Any] | None = None,
     mixed_precision: str = "auto",
     progress: bool = True,
+    on_stale_work_dir: str = "refuse",
     fail_at_step: int | None = None,
 ) -> dict[str, Any]:
     """Train for exactly `iterations` steps in total (resuming from work_dir); see the module docstring.
@@ -628,7 +651,9 @@ def train_meanflow(
     work_dir holds `ckpt-<step>.pt` every `checkpoint_every` steps and at the end (the newest
     `keep_checkpoints` are kept) and a live `metrics.csv`. On start the newest loadable checkpoint
     is resumed if its configuration hash equals this run's; otherwise a ValueError names the
-    differing settings. The hash covers everything that shapes the trajectory: the hyperparameters,
+    differing settings (on_stale_work_dir="refuse", the default for library use) or the stale
+    work_dir is moved to `<work_dir>.stale-<hash>` and training starts fresh ("archive", what the
+    workflow passes: Snakemake reruns a job only when its inputs or parameters changed). The hash covers everything that shapes the trajectory: the hyperparameters,
     seed, window_chunks, resolved mixed precision, the init file's sha256 and the coupling set
     (fingerprint/index hash, count, truncation threshold) -- not `iterations` (a finished run can be
     extended), checkpointing, snapshots, progress, the testing hook, nor the number of processes (a
@@ -646,6 +671,8 @@ def train_meanflow(
     Returns a summary: steps, resumed_from, seconds, seconds_per_step, final_loss (mean of the
     last 10% of steps), world_size, paths (main process; other processes get paths = {}).
     """
+    if on_stale_work_dir not in ("refuse", "archive"):
+        raise ValueError(f"on_stale_work_dir must be 'refuse' or 'archive', got {on_stale_work_dir!r}")
     accelerator = make_accelerator(mixed_precision)
     world = accelerator.num_processes
     hyper = hyperparameters(
@@ -676,6 +703,9 @@ def train_meanflow(
         work_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_temporaries(work_dir)
     ckpt_path, ckpt = _find_resume_checkpoint(accelerator, work_dir)
+    if ckpt is not None and on_stale_work_dir == "archive" and (diff := _config_diff(ckpt, config)):
+        _archive_stale_work_dir(accelerator, work_dir, ckpt, diff)
+        ckpt_path, ckpt = None, None
     if ckpt is not None:
         _check_resumable(ckpt_path, ckpt, config, iterations)
         start.net.load_state_dict(ckpt["model"])

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
+
+from remeanflow.couplings import open_couplings
 
 # Small tensors on 2 shared cores: OpenMP spinning with 2 threads made some ops ~100x slower
 # when another process was busy. Subprocesses (Snakemake jobs) choose their own thread counts.
@@ -71,6 +75,22 @@ def run_snakemake(workdir: Path, configfile: Path | None, *args: str, check: boo
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def couplings_by_id(manifest: Path) -> dict[str, np.ndarray]:
+    reader = open_couplings(manifest)
+    parts = [reader.read_chunk(i) for i in range(len(reader.chunks))]
+    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    order = np.argsort(out["sample_id"])
+    return {k: v[order] for k, v in out.items()}
+
+
+def reuse_upstream(src_run: Path, workdir: Path, run_name: str) -> Path:
+    """Copy dataset and teacher of a finished run, so a second run only redoes the couplings."""
+    dst = workdir / "results" / run_name
+    for part in ("source", "data", "teacher"):
+        shutil.copytree(src_run / part, dst / part)
+    return dst
 
 
 @pytest.fixture(scope="session")

@@ -168,6 +168,19 @@ def test_resume_with_changed_hyperparameters_is_refused(data, stage1, tmp_path):
     assert ckpt_steps(tmp_path / "work") == [30, 40]
 
 
+def test_stale_work_dir_is_archived_when_asked(data, stage1, tmp_path):
+    """What the workflow does when Snakemake reruns a stage with changed settings: the old work_dir
+    is moved aside, not resumed and not deleted, and training starts from step 1."""
+    shutil.copytree(stage1["root"] / "work", tmp_path / "work")
+    summary = train.train_meanflow(**run_kw(data, tmp_path, iterations=3, lr=2e-3, on_stale_work_dir="archive"))
+    assert summary["resumed_from"] is None and summary["steps"] == 3
+    stale = list(tmp_path.glob("work.stale-*"))
+    assert len(stale) == 1 and ckpt_steps(stale[0]) == [30, 40]
+    assert ckpt_steps(tmp_path / "work")[-1] == 3
+    with pytest.raises(ValueError, match="on_stale_work_dir"):
+        train.train_meanflow(**run_kw(data, tmp_path, iterations=3, on_stale_work_dir="delete"))
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     """SIGKILL a worker between checkpoints (after it logged steps past the last one), rerun it to
     the end: EMA, model and logged losses equal an uninterrupted run's exactly."""

@@ -18,20 +18,20 @@ import numpy as np
 import pytest
 import yaml
 import zarr
-from conftest import REPO, TINY, run_snakemake, snakemake_cmd, write_config
+from conftest import (
+    REPO,
+    TINY,
+    couplings_by_id,
+    reuse_upstream,
+    run_snakemake,
+    snakemake_cmd,
+    write_config,
+)
 
 from remeanflow import provenance
-from remeanflow.couplings import completion_mask, open_couplings, verify_shard
+from remeanflow.couplings import completion_mask, verify_shard
 
 pytestmark = pytest.mark.slow
-
-
-def _couplings_by_id(manifest: Path) -> dict[str, np.ndarray]:
-    reader = open_couplings(manifest)
-    parts = [reader.read_chunk(i) for i in range(len(reader.chunks))]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(out["sample_id"])
-    return {k: v[order] for k, v in out.items()}
 
 
 def _job_counts(stdout: str) -> dict[str, int]:
@@ -105,18 +105,10 @@ def test_provenance_cli_and_verify(tiny_run, tmp_path):
     assert changed == {str(archive)}
 
 
-def _reuse_upstream(src_run: Path, workdir: Path, run_name: str) -> Path:
-    """Copy dataset and teacher of a finished run, so a second run only redoes the couplings."""
-    dst = workdir / "results" / run_name
-    for part in ("source", "data", "teacher"):
-        shutil.copytree(src_run / part, dst / part)
-    return dst
-
-
 def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
     """2 shards x 1 process (the session run) vs 3 shards x 2 accelerate processes (gloo on CPU)."""
     _, _, run = tiny_run
-    dst = _reuse_upstream(run, tmp_path, "three")
+    dst = reuse_upstream(run, tmp_path, "three")
     cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3, "processes": 2}})
     target = "results/three/reflow/manifest.json"
     planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n", target)))
@@ -125,8 +117,8 @@ def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
     assert len(list((dst / "reflow" / "couplings").glob("shard-*.zarr"))) == 3
     log = (dst / "logs" / "couplings_shard" / "00000.log").read_text()
     assert "rank 1 of 2" in log and "rank 0 of 2" in log, "the shard job did not run two processes"
-    two = _couplings_by_id(run / "reflow" / "manifest.json")
-    three = _couplings_by_id(dst / "reflow" / "manifest.json")
+    two = couplings_by_id(run / "reflow" / "manifest.json")
+    three = couplings_by_id(dst / "reflow" / "manifest.json")
     for key in ("sample_id", "label", "noise", "endpoint"):
         assert np.array_equal(two[key], three[key]), key
 
@@ -134,7 +126,7 @@ def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
 
 def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
     _, _, run = tiny_run
-    dst = _reuse_upstream(run, tmp_path, "killed")
+    dst = reuse_upstream(run, tmp_path, "killed")
     # slow chunks (more Heun steps, small batches) so the job can be caught mid-shard
     over = {"run_name": "killed", "couplings": {"num_shards": 1, "batch": 2, "heun_steps": 60}}
     cfg = write_config(tmp_path, over)
@@ -169,10 +161,10 @@ def test_killed_shard_resumes_to_the_same_store(tiny_run, tmp_path):
     assert not list((dst / "reflow" / "work").glob("*"))
     reference_dir = tmp_path / "ref"
     reference_dir.mkdir()
-    _reuse_upstream(run, reference_dir, "killed")
+    reuse_upstream(run, reference_dir, "killed")
     run_snakemake(reference_dir, write_config(reference_dir, over), target)
-    resumed = _couplings_by_id(dst / "reflow" / "manifest.json")
-    uninterrupted = _couplings_by_id(reference_dir / "results" / "killed" / "reflow" / "manifest.json")
+    resumed = couplings_by_id(dst / "reflow" / "manifest.json")
+    uninterrupted = couplings_by_id(reference_dir / "results" / "killed" / "reflow" / "manifest.json")
     for key in ("sample_id", "label", "noise", "endpoint"):
         assert np.array_equal(resumed[key], uninterrupted[key]), key
 

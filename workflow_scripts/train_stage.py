@@ -15,7 +15,7 @@ with step(smk) as s:
     s.seeds["train"] = cfg["seed"]
     spec = dict(
         manifest=smk.input.manifest, init=smk.input.init, out_dir=str(smk.output.state).rsplit("/", 1)[0],
-        work_dir=smk.params.work, stage=smk.params.stage,
+        work_dir=smk.params.work, stage=smk.params.stage, on_stale_work_dir="archive",
         # training refuses couplings made by another teacher, guide or sampler
         expected_fingerprint={"teacher_sha256": net_sha256(smk.input.teacher), "guide_sha256": net_sha256(smk.input.guide),
                               "sampler": sampler, "seed": couplings_seed},
