@@ -1,5 +1,6 @@
-"""Evaluation that needs no external weights: held-out teacher couplings, pixel-space Fréchet
-distance, error against the teacher, and a sample grid (DESIGN.md §3 "Evaluation", §4).
+"""Evaluation of one-step checkpoints (DESIGN.md §3 "Evaluation", §4): FID over sharded samples
+when Inception weights are given, and the metrics that need no external weights: held-out teacher
+couplings, pixel-space Fréchet distances, error against the teacher, and a sample grid.
 
 * `make_heldout` / `load_heldout`: noise, labels and the teacher's endpoints for sample ids
   0..N-1 under an *evaluation* seed. The caller must pass a seed different from the training
@@ -10,7 +11,9 @@ distance, error against the teacher, and a sample grid (DESIGN.md §3 "Evaluatio
   for a Fréchet distance in pixel space (a weak stand-in for FID, which needs Inception weights).
 * `evaluate_generator`: metrics of one set of samples for the held-out noise.
 * `evaluate_checkpoint`: one-step samples of a checkpoint (and of the untrained initial model and
-  the teacher's own one- and multi-step solutions, for comparison) -> ``metrics.json`` + PNG grid.
+  the teacher's own one- and multi-step solutions, for comparison) -> ``metrics.json`` + PNG grid,
+  with the sharded metrics (`sampled_metrics`) under ``sampled`` and its FID as ``fid``.
+* `reference_inception_stats`: FID reference statistics of the dataset's images.
 
 Held-out file (``.npz``, written atomically, loaded without pickle)::
 
@@ -24,6 +27,25 @@ Held-out file (``.npz``, written atomically, loaded without pickle)::
 The teacher's one-step baseline uses the *same* guided denoiser as the multi-step endpoints, so
 that the two teacher columns differ only in the number of ODE steps: a single Euler step from
 sigma_max lands on D_guided(sigma_max · n), the guided posterior mean at the highest noise level.
+
+Sampled evaluation at paper scale (FID, DESIGN.md §3): `sample_shard` x N, then `sampled_metrics`.
+Sample id i in [0, fid_samples) gets noise ``per_sample_noise(seed, i)`` and a uniformly random
+class ``per_sample_labels(seed, i)``, so the samples do not depend on how the ids are split;
+shard k of N takes the contiguous ids `shard_range(fid_samples, k, N)`. A shard decodes its
+one-step samples to uint8 pixels (`vae.make_decoder`: EDM2's encoder decode, the SD VAE for latent
+nets) and keeps per-sample features only. Shard file (``.npz``, written atomically, no pickle)::
+
+    sample_ids   int64   [n]      contiguous ids of this shard
+    labels       int64   [n]      their classes
+    f_inception  float32 [n, 2048] InceptionV3 pool features (when Inception weights are given)
+    f_pixels     float32 [n, D]   `pixel_features` of the decoded pixels (at `pixel_resolution`)
+    attrs        str (0-d)        JSON: format, shard, num_shards, seed, num_samples, num_classes,
+                                  net sha256 and encoder, features (name -> dim, details), notes
+
+`sampled_metrics` merges the shards of one checkpoint, checks that their ids are exactly
+0..fid_samples-1 (no gap, no overlap) and that they agree on seed, net and features, and computes
+FID (Inception features against reference statistics) and the pixel Fréchet distance over all of
+them in sample-id order.
 """
 
 from __future__ import annotations
@@ -40,7 +62,7 @@ import torch.nn.functional as F
 import tqdm
 from PIL import Image
 
-from . import checkpoints, fid, sampling
+from . import checkpoints, fid, inception, sampling, vae
 from .coupling_job import net_sha256
 from .data.preprocess import load_images
 from .fileio import atomic_path, sha256_file
@@ -48,9 +70,11 @@ from .teacher import uint8_to_float
 
 HELDOUT_FORMAT = "remeanflow-heldout-v1"
 METRICS_FORMAT = "remeanflow-eval-v1"
+SHARD_FORMAT = "remeanflow-eval-shard-v1"
 HELDOUT_ARRAYS = ("noise", "labels", "teacher_endpoint", "teacher_1step")
-PIXEL_ENCODER = "StandardRGBEncoder"  # EDM2's encoder for nets that work on pixels in [-1, 1]
-FID_SKIPPED = "FID skipped: no Inception weights configured"
+PIXEL_ENCODER = vae.PIXEL_ENCODER  # EDM2's encoder for nets that work on pixels in [-1, 1]
+FID_SKIPPED = "FID skipped: no Inception weights configured (config evaluate.inception.weights is null)"
+STATS_CHUNK = 4096  # feature rows per RunningStats update: bounds the float64 copy in memory
 
 # ----------------------------------------------------------------------------------------------
 # Small helpers.
@@ -233,10 +257,7 @@ def _as_heldout(heldout) -> Heldout:
 # Pixel-space statistics.
 
 
-def _to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 as saved to disk (EDM2: x · 127.5 + 128, clipped, floored);
-    the exact inverse of `uint8_to_float` on uint8 values."""
-    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8)
+_to_uint8 = inception.to_uint8  # float [-1, 1] -> uint8 as saved to disk (EDM2's StandardRGBEncoder)
 
 
 def pixel_features(images, resolution: int | None = None) -> np.ndarray:
@@ -274,21 +295,38 @@ def reference_rows(num_images: int, max_images: int | None) -> np.ndarray:
     return np.arange(max_images) * num_images // max_images
 
 
+def store_blocks(images_store, max_images: int | None = None, *, desc: str = "image store", progress: bool = True):
+    """uint8 blocks [B, 3, R, R] of a preprocessed image store (`data.preprocess` format), read a
+    whole chunk at a time; all rows, or with `max_images` an evenly spaced subset (`reference_rows`)."""
+    images, _ = load_images(images_store)
+    rows = reference_rows(images.shape[0], max_images)
+    step = images.chunks[0]
+    for lo in tqdm.tqdm(range(0, images.shape[0], step), desc=desc, unit="chunk", disable=not progress,
+                        leave=False):
+        wanted = rows[(rows >= lo) & (rows < lo + step)]
+        if wanted.size:
+            yield images[lo : lo + step][wanted - lo]
+
+
 def reference_pixel_stats(
     images_store, max_images: int | None = None, *, resolution: int | None = None, progress: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel statistics of a preprocessed image store (`data.preprocess` format), read a chunk at a
-    time; with `max_images`, of an evenly spaced subset (`reference_rows`)."""
-    images, _ = load_images(images_store)
-    rows = reference_rows(images.shape[0], max_images)
+    """Pixel statistics of a preprocessed image store, read a chunk at a time (`store_blocks`)."""
     stats = fid.RunningStats()
-    step = images.chunks[0]
-    for lo in tqdm.tqdm(range(0, images.shape[0], step), desc="reference pixel stats", unit="chunk",
-                        disable=not progress, leave=False):
-        wanted = rows[(rows >= lo) & (rows < lo + step)]
-        if wanted.size:
-            block = images[lo : lo + step]
-            stats.update(pixel_features(block[wanted - lo], resolution))
+    for block in store_blocks(images_store, max_images, desc="reference pixel stats", progress=progress):
+        stats.update(pixel_features(block, resolution))
+    return stats.finalize()
+
+
+def reference_inception_stats(
+    images_store, model: inception.InceptionV3, max_images: int | None = None, *, batch: int = 200,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """FID reference statistics (mu, sigma) of the Inception pool features of an image store's
+    uint8 images, streamed a chunk at a time (`store_blocks`)."""
+    stats = fid.RunningStats()
+    for block in store_blocks(images_store, max_images, desc="reference Inception stats", progress=progress):
+        stats.update(inception.extract_features(model, block, batch=batch))
     return stats.finalize()
 
 
@@ -355,6 +393,230 @@ def save_grid(images, path, nrow: int, scale: int = 4, pad: int = 1, pad_value: 
 
 
 # ----------------------------------------------------------------------------------------------
+# Sampled evaluation in shards (FID at paper scale).
+
+
+def shard_range(num_samples: int, shard: int, num_shards: int) -> tuple[int, int]:
+    """[lo, hi) of the sample ids of shard `shard` of `num_shards`: contiguous, disjoint, covering
+    0..num_samples-1, sizes differing by at most one."""
+    _check_positive_int("num_samples", num_samples)
+    _check_positive_int("num_shards", num_shards)
+    if num_shards > num_samples:
+        raise ValueError(f"num_shards={num_shards} exceeds num_samples={num_samples}: some shards would be empty")
+    if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be an integer in [0, {num_shards}), got {shard!r}")
+    return shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
+
+
+def _decoder_or_none(encoder: dict | None, vae_path, device, need_pixels: bool):
+    """`vae.make_decoder`, or None (with the reason) for a latent net without a VAE when nothing
+    needs pixels; with Inception weights configured that is an error instead."""
+    if (encoder or {}).get("class_name") == vae.VAE_ENCODER and vae_path is None and not need_pixels:
+        return None, ("sampled pixel Fréchet distance skipped: the net works in the latent space of "
+                      f"{vae.VAE_ENCODER} and no VAE is configured (evaluate.vae)")
+    return vae.make_decoder(encoder, vae_path, device), None
+
+
+def sample_shard(
+    net_path,
+    out_path,
+    *,
+    shard: int,
+    num_shards: int,
+    num_samples: int,
+    seed: int,
+    num_classes: int,
+    batch: int = 256,
+    inception_weights=None,
+    inception_sha256: str | None = None,
+    vae_path=None,
+    pixel_resolution: int | None = None,
+    device=None,
+    progress: bool = True,
+) -> dict:
+    """One-step samples of a checkpoint for the sample ids of one shard -> per-sample features (.npz).
+
+    The ids are `shard_range(num_samples, shard, num_shards)`; noise and classes come from
+    (`seed`, id) alone (module docstring). Samples are decoded to uint8 pixels, then reduced to
+    `pixel_features` at `pixel_resolution` and, with `inception_weights` (a local file), to
+    InceptionV3 pool features. Returns the shard's attrs.
+    """
+    lo, hi = shard_range(num_samples, shard, num_shards)
+    _check_positive_int("num_classes", num_classes)
+    device = _device(device)
+    net, info = _load_net(net_path, device)
+    if num_classes > net.label_dim:
+        raise ValueError(f"{net_path}: label_dim {net.label_dim} is smaller than num_classes={num_classes}")
+    decode, note = _decoder_or_none(info["encoder"], vae_path, device, need_pixels=inception_weights is not None)
+    detector = None
+    if inception_weights is not None:
+        detector = inception.load_inception(inception_weights, inception_sha256, device=device)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    ids = np.arange(lo, hi)
+    labels = sampling.per_sample_labels(seed, ids, num_classes)
+    feats: dict[str, list[np.ndarray]] = {"pixels": [], "inception": []} if decode is not None else {}
+    image_shape = None
+    with torch.inference_mode():
+        for start in tqdm.tqdm(range(0, len(ids), batch), desc=f"eval shard {shard}", unit="batch",
+                               disable=not progress, leave=False):
+            part = ids[start : start + batch]
+            noise = sampling.per_sample_noise(seed, part, shape).to(device)
+            x = sampling.one_step(net, noise, labels[start : start + batch].to(device))
+            if decode is None:
+                continue
+            pixels = decode(x)
+            image_shape = list(pixels.shape[1:])
+            feats["pixels"].append(pixel_features(pixels, pixel_resolution).astype(np.float32))
+            if detector is not None:
+                feats["inception"].append(inception.extract_features(detector, pixels, batch=batch))
+    arrays = {f"f_{k}": np.concatenate(v) for k, v in feats.items() if v}
+    features = {k[2:]: int(v.shape[1]) for k, v in arrays.items()}
+    attrs = dict(
+        format=SHARD_FORMAT, shard=int(shard), num_shards=int(num_shards), sample_ids=[int(lo), int(hi)],
+        num_samples=int(num_samples), seed=int(seed), num_classes=int(num_classes), net_sha256=info["sha256"],
+        net_path=info["path"], encoder=(info["encoder"] or {}).get("class_name", PIXEL_ENCODER),
+        features=features, image_shape=image_shape, pixel_resolution=pixel_resolution,
+        inception_sha256=None if detector is None else inception.check_sha256(inception_weights, inception_sha256),
+        vae=None if vae_path is None else str(vae_path), nfe=1, notes=[] if note is None else [note],
+        noise="sampling.per_sample_noise (numpy Philox key [sample_id, seed], stream 0), float32",
+    )
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, sample_ids=ids.astype(np.int64), labels=labels.numpy(), **arrays, attrs=np.array(json.dumps(attrs)))
+    return attrs
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """One evaluation shard file, read and checked."""
+
+    path: Path
+    sample_ids: np.ndarray
+    labels: np.ndarray
+    features: dict[str, np.ndarray]
+    attrs: dict
+
+
+def load_shard(path) -> Shard:
+    """Read an evaluation shard (.npz, no pickle); errors name the file and the bad key."""
+    path = Path(path)
+    arrays = fid.read_npz(path, ("sample_ids", "labels", "attrs"), "evaluation shard file")
+    try:
+        attrs = json.loads(str(arrays["attrs"]))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: 'attrs' is not JSON ({e})") from e
+    if not isinstance(attrs, dict) or attrs.get("format") != SHARD_FORMAT:
+        found = attrs.get("format") if isinstance(attrs, dict) else attrs
+        raise ValueError(f"{path}: attrs format is {found!r}, expected {SHARD_FORMAT!r}")
+    names = list(attrs.get("features") or {})
+    features = fid.read_npz(path, tuple(f"f_{k}" for k in names), "evaluation shard file")
+    ids, labels = arrays["sample_ids"], arrays["labels"]
+    if ids.ndim != 1 or ids.dtype.kind not in "iu" or labels.shape != ids.shape:
+        raise ValueError(f"{path}: 'sample_ids' and 'labels' must be integer vectors of one length, "
+                         f"got {ids.dtype} {ids.shape} and {labels.dtype} {labels.shape}")
+    for name in names:
+        f = features[f"f_{name}"]
+        if f.shape != (len(ids), attrs["features"][name]) or not np.isfinite(f).all():
+            raise ValueError(f"{path}: 'f_{name}' must be finite [{len(ids)}, {attrs['features'][name]}], "
+                             f"got shape {f.shape}")
+    return Shard(path, ids, labels, {k[2:]: v for k, v in features.items()}, attrs)
+
+
+# Attributes every shard of one evaluation must share.
+_SHARED_ATTRS = ("num_shards", "num_samples", "seed", "num_classes", "net_sha256", "encoder", "features",
+                 "image_shape", "pixel_resolution", "inception_sha256")
+
+
+def merge_shards(paths, num_samples: int) -> Shard:
+    """All shards of one evaluation as one `Shard` in sample-id order, after checking that they
+    agree (`_SHARED_ATTRS`) and that their ids are exactly 0..num_samples-1: a gap, an overlap or a
+    shard made for another sample count is an error naming the files."""
+    shards = [load_shard(p) for p in paths]
+    if not shards:
+        raise ValueError("no evaluation shards given")
+    first = shards[0]
+    for s in shards[1:]:
+        for key in _SHARED_ATTRS:
+            if s.attrs.get(key) != first.attrs.get(key):
+                raise ValueError(f"{s.path}: {key} is {s.attrs.get(key)!r}, but {first.path} has "
+                                 f"{first.attrs.get(key)!r}")
+    if first.attrs["num_samples"] != num_samples:
+        raise ValueError(f"{first.path}: made for {first.attrs['num_samples']} samples, expected exactly {num_samples}")
+    ids = np.concatenate([s.sample_ids for s in shards])
+    owner = np.concatenate([np.full(len(s.sample_ids), i) for i, s in enumerate(shards)])
+    order = np.argsort(ids, kind="stable")
+    ids, owner = ids[order], owner[order]
+    if (dup := np.flatnonzero(ids[1:] == ids[:-1])).size:
+        a, b = shards[owner[dup[0]]].path, shards[owner[dup[0] + 1]].path
+        raise ValueError(f"evaluation shards overlap: {dup.size} sample id(s) appear twice, e.g. {ids[dup[0]]} "
+                         f"in {a} and {b}")
+    if ids.size != num_samples or ids[0] != 0 or ids[-1] != num_samples - 1:
+        missing = np.setdiff1d(np.arange(num_samples), ids)
+        raise ValueError(f"evaluation shards hold {ids.size} distinct samples, expected exactly ids "
+                         f"0..{num_samples - 1}: "
+                         f"{missing.size} missing (e.g. {missing[:5].tolist()}), "
+                         f"{int(np.sum((ids < 0) | (ids >= num_samples)))} out of range")
+    labels = np.concatenate([s.labels for s in shards])[order]
+    features = {k: np.concatenate([s.features[k] for s in shards])[order] for k in first.features}
+    notes = sorted({n for s in shards for n in s.attrs.get("notes", [])})
+    return Shard(Path(first.path).parent, ids, labels, features, dict(first.attrs, shard=None, notes=notes))
+
+
+def _feature_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    stats = fid.RunningStats()
+    for lo in range(0, features.shape[0], STATS_CHUNK):
+        stats.update(features[lo : lo + STATS_CHUNK])
+    return stats.finalize()
+
+
+def _distance_to(features: np.ndarray, ref_path, what: str) -> float:
+    """Fréchet distance of the Gaussian fitted to `features` to the statistics in `ref_path`."""
+    ref = fid.load_stats(ref_path)
+    if ref[0].shape[0] != features.shape[1]:
+        raise ValueError(f"{ref_path}: {what} reference statistics are {ref[0].shape[0]}-d, the samples' "
+                         f"features {features.shape[1]}-d (different pixel_resolution or image size?)")
+    return fid.frechet_distance(*_feature_stats(features), *ref)
+
+
+def sampled_metrics(
+    shard_paths, *, num_samples: int, inception_ref=None, pixel_ref=None, ref_resolution: int | None = None
+) -> dict:
+    """FID and pixel Fréchet distance over exactly `num_samples` sharded samples (`merge_shards`).
+
+    `inception_ref`: FID reference statistics (.npz, mu/sigma), required when the shards hold
+    Inception features; `ref_resolution`: the image size they were computed at, when known (a note
+    flags samples of another size: such an FID is not comparable to published numbers);
+    `pixel_ref`: pixel statistics of the dataset at the same `pixel_resolution`. A metric that
+    cannot be computed is None, with the reason in ``notes``.
+    """
+    merged = merge_shards(shard_paths, num_samples)
+    attrs, notes = merged.attrs, list(merged.attrs["notes"])
+    out = dict(
+        num_samples=int(merged.sample_ids.size), seed=attrs["seed"], num_shards=attrs["num_shards"],
+        classes="uniform", num_classes=attrs["num_classes"],
+        class_counts=np.bincount(merged.labels, minlength=attrs["num_classes"]).tolist(),
+        net_sha256=attrs["net_sha256"], encoder=attrs["encoder"], image_shape=attrs["image_shape"], nfe=attrs["nfe"],
+        fid=None, inception_sha256=attrs["inception_sha256"], inception_reference=None,
+        fd_pixels=None, pixel_resolution=attrs["pixel_resolution"], pixel_reference=None, notes=notes,
+    )
+    if "inception" in merged.features:
+        if inception_ref is None:
+            raise ValueError("the evaluation shards hold Inception features but no FID reference statistics were given")
+        out["fid"] = _distance_to(merged.features["inception"], inception_ref, "FID")
+        out["inception_reference"] = dict(path=str(inception_ref), sha256=sha256_file(inception_ref),
+                                          resolution=ref_resolution)
+        size = attrs["image_shape"][-1]
+        if ref_resolution is not None and ref_resolution != size:
+            notes.append(f"FID reference statistics come from {ref_resolution} px dataset images, the samples are "
+                         f"{size} px: not comparable to published FIDs (set evaluate.ref_stats.source)")
+    else:
+        notes.append(FID_SKIPPED)
+    if "pixels" in merged.features and pixel_ref is not None:
+        out["fd_pixels"] = _distance_to(merged.features["pixels"], pixel_ref, "pixel")
+        out["pixel_reference"] = dict(path=str(pixel_ref), sha256=sha256_file(pixel_ref))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoint evaluation.
 
 
@@ -400,6 +662,8 @@ def evaluate_checkpoint(
     grid_per_class: int = 2,
     grid_max_classes: int = 10,
     grid_scale: int = 4,
+    pixel_ref_stats=None,
+    sampled: dict | None = None,
     device=None,
     progress: bool = True,
 ) -> dict:
@@ -412,7 +676,12 @@ def evaluate_checkpoint(
     The pixel Fréchet distance is computed only for pixel-space nets (EDM2 StandardRGBEncoder);
     latent nets would need the VAE decoder, and their grid shows latent channels 0-2.
     Grid: rows = held-out samples (`grid_per_class` per class for up to `grid_max_classes`
-    classes), columns as listed in ``grid.columns`` of the JSON. Returns the metrics dict.
+    classes), columns as listed in ``grid.columns`` of the JSON.
+
+    `pixel_ref_stats`: precomputed pixel statistics of the dataset (.npz) instead of reading
+    `images_store` again. `sampled`: the result of `sampled_metrics` for this checkpoint; its FID
+    becomes ``fid`` of the JSON and the whole dict ``sampled``. Without it (or when it has no FID)
+    ``fid`` is None and ``notes`` say why. Returns the metrics dict.
     """
     heldout = load_heldout(heldout_path)
     teacher_sha = _check_teacher(teacher_path, heldout, heldout_path)
@@ -430,11 +699,22 @@ def evaluate_checkpoint(
 
     encoder = (net_info["encoder"] or {}).get("class_name")
     pixel_space = encoder == PIXEL_ENCODER
-    notes = [FID_SKIPPED]
-    ref_stats = None
+    if sampled is not None and net_info["sha256"] is not None and sampled["net_sha256"] != net_info["sha256"]:
+        raise ValueError(f"the sampled metrics are of net sha256 {sampled['net_sha256']}, not of {net_path} "
+                         f"({net_info['sha256']})")
+    fid_value = None if sampled is None else sampled["fid"]
+    notes = [FID_SKIPPED] if sampled is None else list(sampled["notes"])
+    ref_stats = reference = None
     if pixel_space:
-        ref_stats = reference_pixel_stats(images_store, max_ref_images, resolution=pixel_resolution, progress=progress)
-        num_ref = len(reference_rows(load_images(images_store)[0].shape[0], max_ref_images))
+        if pixel_ref_stats is not None:
+            ref_stats = fid.load_stats(pixel_ref_stats)
+            reference = dict(stats=str(pixel_ref_stats), sha256=sha256_file(pixel_ref_stats),
+                             pixel_resolution=pixel_resolution)
+        else:
+            ref_stats = reference_pixel_stats(images_store, max_ref_images, resolution=pixel_resolution,
+                                              progress=progress)
+            num_ref = len(reference_rows(load_images(images_store)[0].shape[0], max_ref_images))
+            reference = dict(images_store=str(images_store), num_images=num_ref, pixel_resolution=pixel_resolution)
     else:
         notes.append(f"pixel Fréchet distance skipped: the net works in the latent space of {encoder} "
                      "(needs the VAE decoder); the grid shows latent channels 0-2")
@@ -452,11 +732,11 @@ def evaluate_checkpoint(
         rows=rows,
         num_samples=heldout.num_samples,
         seed=heldout.attrs["seed"],
-        fid=None,
+        fid=fid_value,
         notes=notes,
+        sampled=sampled,
         heldout=dict(path=str(heldout_path), sha256=sha256_file(heldout_path), attrs=heldout.attrs),
-        reference=None if ref_stats is None else dict(
-            images_store=str(images_store), num_images=num_ref, pixel_resolution=pixel_resolution),
+        reference=reference,
         checkpoints=shas,
         grid=dict(
             path=str(out_grid_png), columns=list(columns), sample_index=picked.tolist(),

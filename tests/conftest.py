@@ -35,7 +35,7 @@ TINY = {
     "train": {"batch_size": 8, "checkpoint_every": 4, "snapshot_every": 4, "window_chunks": 2,
               "stage1": {"iterations": 8, "grad_clip": None, "w_max": None},
               "stage2": {"iterations": 6, "grad_clip": 1.0, "w_max": 2.0}},
-    "evaluate": {"num_samples": 16, "batch": 8, "grid_per_class": 1},
+    "evaluate": {"num_samples": 16, "batch": 8, "grid_per_class": 1, "fid_samples": 64, "shards": 2},
     "resources": {
         "default": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},
         "preprocess": {"threads": 1, "mem_mb": 1000, "gpu": 0, "runtime": 10},

@@ -10,8 +10,9 @@ import torch
 import zarr
 from PIL import Image
 
-from remeanflow import checkpoints, evaluate, networks, sampling
+from remeanflow import checkpoints, evaluate, fid, inception, networks, sampling
 from remeanflow.data import preprocess
+from remeanflow.fileio import sha256_file
 from remeanflow.teacher import uint8_to_float
 
 CLASSES = 4
@@ -241,3 +242,144 @@ def test_evaluate_checkpoint_refuses_a_heldout_set_of_another_teacher(setup, tmp
             teacher_path=paths["initial"], device="cpu", progress=False,
         )
     assert not any(tmp_path.iterdir())
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled evaluation in shards.
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    from test_inception import random_inception
+
+    path = tmp_path_factory.mktemp("inception") / "inception.pth"
+    torch.save(random_inception(0).state_dict(), path)
+    return path
+
+
+SHARDED = dict(num_samples=6, seed=11, num_classes=CLASSES, batch=4, device="cpu", progress=False)
+
+
+def _shards(setup, out_dir, num_shards, **extra) -> list:
+    paths, _ = setup
+    parts = [out_dir / f"shard-{k:05d}.npz" for k in range(num_shards)]
+    for k, part in enumerate(parts):
+        evaluate.sample_shard(paths["teacher"], part, shard=k, num_shards=num_shards, **SHARDED, **extra)
+    return parts
+
+
+def test_shard_ranges_partition_the_sample_ids():
+    for n, k in [(10, 1), (10, 3), (7, 7), (50_000, 8)]:
+        ranges = [evaluate.shard_range(n, i, k) for i in range(k)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, no overlap
+        sizes = [hi - lo for lo, hi in ranges]
+        assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
+    with pytest.raises(ValueError, match="exceeds num_samples"):
+        evaluate.shard_range(3, 0, 4)
+    with pytest.raises(ValueError, match=r"shard must be an integer in \[0, 2\)"):
+        evaluate.shard_range(3, 2, 2)
+
+
+def test_one_and_four_shards_give_the_same_samples_features_and_distances(setup, inception_weights, tmp_path):
+    """Inception features per sample id do not depend on the sharding, so neither does FID (the
+    FID itself, 1 shard vs Snakemake's shards, is compared in test_eval_workflow.py: a 2048-d
+    Fréchet distance costs seconds). The pixel distance is compared here."""
+    paths, _ = setup
+    pix = tmp_path / "pix.npz"
+    fid.save_stats(pix, *evaluate.reference_pixel_stats(paths["images"], progress=False))
+    for d in ("one", "four"):
+        (tmp_path / d).mkdir()
+    one = _shards(setup, tmp_path / "one", 1, inception_weights=inception_weights)
+    four = _shards(setup, tmp_path / "four", 4, inception_weights=inception_weights)
+    assert [evaluate.load_shard(p).sample_ids.tolist() for p in four] == [[0], [1, 2], [3], [4, 5]]
+    a, b = evaluate.merge_shards(one, 6), evaluate.merge_shards(four[::-1], 6)  # any order
+    assert a.attrs["features"] == {"pixels": 192, "inception": 2048} and b.attrs["num_shards"] == 4
+    assert np.array_equal(a.sample_ids, b.sample_ids) and np.array_equal(a.labels, b.labels)
+    for name in ("pixels", "inception"):
+        np.testing.assert_allclose(a.features[name], b.features[name], rtol=1e-5, atol=1e-5)
+
+    # The samples are the net's one-step samples for per-sample noise and classes of seed 11.
+    ids = np.arange(6)
+    labels = sampling.per_sample_labels(11, ids, CLASSES)
+    teacher = checkpoints.load_net(paths["teacher"])["net"]
+    with torch.inference_mode():
+        x = sampling.one_step(teacher, sampling.per_sample_noise(11, ids, (3, 8, 8)), labels)
+    assert np.array_equal(a.labels, labels.numpy())
+    model = inception.load_inception(inception_weights, device="cpu")
+    np.testing.assert_allclose(a.features["inception"], inception.extract_features(model, x), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(a.features["pixels"], evaluate.pixel_features(x), atol=1e-6)
+
+    # Pixel-only shards (no Inception weights): the same distance for 1 and 4 shards, FID skipped.
+    for d in ("p1", "p4"):
+        (tmp_path / d).mkdir()
+    m1, m4 = (evaluate.sampled_metrics(_shards(setup, tmp_path / d, k), num_samples=6, pixel_ref=pix)
+              for d, k in (("p1", 1), ("p4", 4)))
+    assert m1["fd_pixels"] > 0 and m4["fd_pixels"] == pytest.approx(m1["fd_pixels"], rel=1e-6)
+    assert m1["fid"] is None and evaluate.FID_SKIPPED in m1["notes"] and sum(m1["class_counts"]) == 6
+    assert m1["pixel_reference"]["sha256"] == sha256_file(pix) and m4["num_shards"] == 4
+
+    # The merged metrics land in metrics.json next to the held-out ones.
+    metrics = evaluate.evaluate_checkpoint(
+        paths["teacher"], paths["heldout"], paths["images"], tmp_path / "m.json", tmp_path / "g.png",
+        teacher_path=paths["teacher"], pixel_ref_stats=pix, sampled=m4, device="cpu", progress=False,
+    )
+    assert metrics["sampled"] == m4 and metrics["fid"] is None and evaluate.FID_SKIPPED in metrics["notes"]
+    assert metrics["reference"]["stats"] == str(pix)
+    rows = {r["name"]: r for r in metrics["rows"]}
+    heldout = evaluate.load_heldout(paths["heldout"])
+    want = evaluate.evaluate_generator("x", heldout.teacher_endpoint, heldout, fid.load_stats(pix), nfe=5)
+    assert rows["teacher_endpoint"]["fd_pixels"] == pytest.approx(want["fd_pixels"], rel=1e-9)
+    with pytest.raises(ValueError, match="sampled metrics are of net sha256"):
+        evaluate.evaluate_checkpoint(
+            paths["initial"], paths["heldout"], paths["images"], tmp_path / "m2.json", tmp_path / "g2.png",
+            pixel_ref_stats=pix, sampled=m4, device="cpu", progress=False,
+        )
+    assert not (tmp_path / "m2.json").exists()
+
+
+def test_reference_inception_stats_stream_the_store(setup, inception_weights):
+    paths, images = setup
+    model = inception.load_inception(inception_weights, device="cpu")
+    rows = evaluate.reference_rows(len(images), 4)  # evenly spaced, across chunks of 5
+    got = evaluate.reference_inception_stats(paths["images"], model, 4, batch=3, progress=False)
+    want = fid.gaussian_stats(inception.extract_features(model, images[rows]))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)
+
+
+def test_merge_shards_demands_exactly_the_configured_samples(setup, tmp_path):
+    paths, _ = setup
+    for d in ("two", "three"):
+        (tmp_path / d).mkdir()
+    two = _shards(setup, tmp_path / "two", 2)
+    three = _shards(setup, tmp_path / "three", 3)
+    # Without Inception weights: pixel features only, FID None and the reason in the notes.
+    metrics = evaluate.sampled_metrics(two, num_samples=6)
+    assert metrics["fid"] is None and evaluate.FID_SKIPPED in metrics["notes"] and metrics["fd_pixels"] is None
+    with pytest.raises(ValueError, match="shard-00001.npz: num_shards is 3, but .*shard-00000.npz has 2"):
+        evaluate.merge_shards([two[0], three[1]], 6)
+    with pytest.raises(ValueError, match=r"overlap: 3 sample id\(s\) appear twice, e.g. 0 in .*shard-00000.npz and"):
+        evaluate.merge_shards([two[0], two[0]], 6)
+    with pytest.raises(ValueError, match=r"3 missing \(e.g. \[3, 4, 5\]\)"):
+        evaluate.merge_shards(two[:1], 6)
+    with pytest.raises(ValueError, match="made for 6 samples, expected exactly 7"):
+        evaluate.merge_shards(two, 7)
+    other = tmp_path / "other.npz"
+    evaluate.sample_shard(paths["initial"], other, shard=1, num_shards=2, **SHARDED)
+    with pytest.raises(ValueError, match="other.npz: net_sha256 is"):
+        evaluate.merge_shards([two[0], other], 6)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        evaluate.sampled_metrics(two, num_samples=6, pixel_ref=tmp_path / "missing.npz")
+    with np.load(two[0]) as data:
+        arrays = {k: data[k] for k in data.files}
+    # A shard with Inception features needs FID reference statistics.
+    attrs = json.loads(str(arrays["attrs"]))
+    attrs.update(num_shards=1, sample_ids=[0, 3], num_samples=3, features={"pixels": 192, "inception": 2048})
+    np.savez(tmp_path / "inc.npz", **dict(arrays, f_inception=np.ones((3, 2048), np.float32),
+                                          attrs=np.array(json.dumps(attrs))))
+    with pytest.raises(ValueError, match="Inception features but no FID reference statistics"):
+        evaluate.sampled_metrics([tmp_path / "inc.npz"], num_samples=3)
+    np.savez(tmp_path / "bad.npz", **dict(arrays, f_pixels=arrays["f_pixels"][:, :5]))
+    with pytest.raises(ValueError, match=r"bad\.npz: 'f_pixels' must be finite \[3, 192\]"):
+        evaluate.load_shard(tmp_path / "bad.npz")

@@ -7,6 +7,7 @@ import pytest
 import scipy.linalg
 
 from remeanflow import fid
+from remeanflow.fileio import sha256_file
 
 
 def random_spd(rng: np.random.Generator, d: int, cond: float = 10.0) -> np.ndarray:
@@ -89,29 +90,44 @@ def test_frechet_distance_with_singular_covariances():
     assert fid.frechet_distance(s1[0], zero, s1[0], zero) == pytest.approx(0.0, abs=1e-6)
 
 
-def test_frechet_distance_retries_with_eps_when_the_root_fails(monkeypatch):
-    calls = []
-    real = scipy.linalg.sqrtm
+def test_frechet_distance_matches_the_schur_square_root_formula():
+    """pytorch-fid's route (scipy's Schur square root of S1 S2) on regular statistics."""
+    rng = np.random.default_rng(6)
+    for d in (5, 40):
+        mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+        s1, s2 = random_spd(rng, d, cond=50), random_spd(rng, d, cond=5) * 3
+        schur = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real
+        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(schur, rel=1e-9)
 
-    def flaky(a):
-        calls.append(a.copy())
-        return np.full_like(a, np.nan) if len(calls) == 1 else real(a)
 
-    monkeypatch.setattr(fid.scipy.linalg, "sqrtm", flaky)
+def _pytorch_fid_score():
+    """pytorch_fid.fid_score, or a skip naming why it cannot be imported (it imports torchvision,
+    whose PyPI builds fail to load beside some torch builds with a RuntimeError)."""
+    try:
+        from pytorch_fid import fid_score
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"pytorch-fid/torchvision not importable here: {type(e).__name__}: {e}")
+    return fid_score
+
+
+def test_frechet_distance_matches_pytorch_fid():
+    fid_score = _pytorch_fid_score()
+    rng = np.random.default_rng(7)
+    for d in (8, 64):
+        x, y = rng.standard_normal((4 * d, d)), rng.standard_normal((3 * d, d)) @ rng.standard_normal((d, d)) * 0.3 + 1
+        s1, s2 = fid.gaussian_stats(x), fid.gaussian_stats(y)
+        want = fid_score.calculate_frechet_distance(*s1, *s2)
+        assert fid.frechet_distance(*s1, *s2) == pytest.approx(want, rel=1e-7)
+
+
+def test_frechet_distance_rejects_invalid_covariances_and_bad_shapes():
     eye = np.eye(3)
-    # The distance is that of the regularised Gaussians: identical statistics still give 0.
-    assert fid.frechet_distance(np.zeros(3), eye, np.zeros(3), eye, eps=1e-2) == pytest.approx(0.0, abs=1e-9)
-    assert len(calls) == 2
-    np.testing.assert_allclose(calls[1], (1 + 1e-2) ** 2 * eye)
-    # ... and it differs from the unregularised distance (3), so the retry really used the ridge.
-    calls.clear()
-    assert fid.frechet_distance(np.zeros(3), eye, np.zeros(3), 4 * eye, eps=1e-2) != pytest.approx(3.0, abs=1e-4)
-
-
-def test_frechet_distance_rejects_complex_root_and_bad_shapes():
-    eye = np.eye(3)
-    with pytest.raises(ValueError, match=r"imaginary components up to 1"):
-        fid.frechet_distance(np.zeros(3), eye, np.zeros(3), -eye)  # sqrt(-I) = i I
+    with pytest.raises(ValueError, match=r"second statistics.* not positive semi-definite \(smallest eigenvalue -1"):
+        fid.frechet_distance(np.zeros(3), eye, np.zeros(3), -eye)
+    with pytest.raises(ValueError, match=r"first statistics: sigma is not positive semi-definite"):
+        fid.frechet_distance(np.zeros(3), np.diag([1.0, -0.5, 1.0]), np.zeros(3), eye)
+    with pytest.raises(ValueError, match=r"first statistics: sigma is not symmetric"):
+        fid.frechet_distance(np.zeros(3), eye + np.triu(np.ones((3, 3)), 1) * 0.1, np.zeros(3), eye)
     with pytest.raises(ValueError, match="different dimension"):
         fid.frechet_distance(np.zeros(3), eye, np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="sigma must be"):
@@ -152,3 +168,34 @@ def test_stats_file_round_trip_and_errors(tmp_path):
         fid.load_stats(tmp_path / "text.npz")
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         fid.load_stats(tmp_path / "missing.npz")
+
+
+def test_check_and_fetch_reference_stats(tmp_path):
+    rng = np.random.default_rng(8)
+    mu, sigma = rng.standard_normal(6), random_spd(rng, 6)
+    good = tmp_path / "good.npz"
+    fid.save_stats(good, mu, sigma)
+    got = fid.check_reference_stats(good, 6)
+    assert np.array_equal(got[0], mu) and np.allclose(got[1], sigma, rtol=0, atol=1e-15)
+
+    bad = {
+        "dim.npz": (dict(mu=mu[:5], sigma=sigma[:5, :5]), r"mu has shape \(5,\), expected \(6,\)"),
+        "asym.npz": (dict(mu=mu, sigma=sigma + np.triu(np.ones((6, 6)), 1)), "sigma is not symmetric"),
+        "neg.npz": (dict(mu=mu, sigma=sigma - 20 * np.eye(6)), "not positive semi-definite"),
+        "nan.npz": (dict(mu=mu * np.nan, sigma=sigma), "mu contains NaN"),
+    }
+    for name, (arrays, message) in bad.items():
+        np.savez(tmp_path / name, **arrays)
+        with pytest.raises(ValueError, match=message) as err:
+            fid.check_reference_stats(tmp_path / name, 6)
+        assert name in str(err.value)
+
+    # Fetched through the real download path (file:// URL), checksum included.
+    dest = tmp_path / "fid" / "ref_stats.npz"
+    digest = fid.fetch_reference_stats(good.as_uri(), dest, 6, sha256=sha256_file(good), progress=False)
+    assert digest == sha256_file(dest) == sha256_file(good)
+    with pytest.raises(ValueError, match=r"asym\.npz \(fetched to .*ref2\.npz\) failed its check: .*not symmetric"):
+        fid.fetch_reference_stats(tmp_path / "asym.npz", tmp_path / "fid" / "ref2.npz", 6, progress=False)
+    with pytest.raises(ValueError, match="dim"):
+        fid.fetch_reference_stats(tmp_path / "dim.npz", tmp_path / "fid" / "ref2.npz", 6, progress=False)
+    assert sorted(p.name for p in (tmp_path / "fid").iterdir()) == ["ref_stats.npz", "ref_stats.npz.sha256"]

@@ -77,7 +77,7 @@ def test_tiny_pipeline_outputs_and_provenance(tiny_run):
     teacher_sha = (run / "teacher" / "net.pt.sha256").read_text().split()[0]
     assert any(n["path"].endswith("teacher/net.pt") and n["sha256"] == teacher_sha for n in flat)
     assert manifest["fingerprint"]["teacher_sha256"] == teacher_sha
-    assert {n["rule"] for n in flat} >= {"evaluate", "train_stage2", "train_stage1", "init_time_embedding",
+    assert {n["rule"] for n in flat} >= {"evaluate_merge", "train_stage2", "train_stage1", "init_time_embedding",
                                           "couplings_merge", "couplings_shard", "train_teacher", "download_dataset"}
     side = provenance.read(run / "reflow" / "manifest.json")
     assert side["rule"] == "couplings_merge" and side["config"]["truncation_quantile"] == 0.9
@@ -286,7 +286,7 @@ def test_changing_a_sampler_setting_reruns_couplings_only(tiny_run):
     proc = run_snakemake(workdir, changed, "-n")
     counts = _job_counts(proc.stdout + proc.stderr)
     assert counts.get("couplings_shard") == 2 and counts.get("couplings_merge") == 1
-    assert counts.get("train_stage1") == 1 and counts.get("evaluate") == 2  # everything downstream reruns
+    assert counts.get("train_stage1") == 1 and counts.get("evaluate_merge") == 2 and counts.get("evaluate_shard") == 4  # everything downstream reruns
     for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index"):
         assert upstream not in counts
     write_config(workdir)  # restore for other tests
@@ -311,7 +311,7 @@ def test_changing_a_training_setting_reruns_training_only(tiny_run):
     workdir, _, _ = tiny_run
     changed = write_config(workdir, {"train": {"lr": 5e-4}})
     counts = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, changed, "-n")))
-    assert counts.get("train_stage1") == 1 and counts.get("train_stage2") == 1 and counts.get("evaluate") == 2
+    assert counts.get("train_stage1") == 1 and counts.get("train_stage2") == 1 and counts.get("evaluate_merge") == 2 and counts.get("evaluate_shard") == 4
     for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index",
                      "couplings_shard", "couplings_merge", "init_time_embedding", "heldout_couplings"):
         assert upstream not in counts, upstream
@@ -332,7 +332,8 @@ def test_snakefmt_check_passes():
 def test_conda_envs_name_the_packages_of_pyproject():
     import tomllib
 
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + project["optional-dependencies"]["vae"]  # evaluation decodes latents
     names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
     conda_alias = {"torch": "pytorch"}
     envs = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "envs").glob("*.yaml")}
