@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import math
@@ -51,9 +52,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from remeanflow import accel, networks, sampling, train  # noqa: E402
-from remeanflow.fileio import atomic_path  # noqa: E402
-from train_step import make_batch, nonzero_gains_  # noqa: E402
+from train_step import make_batch, nonzero_gains_
+
+from remeanflow import accel, networks, sampling, train
+from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this
@@ -196,13 +198,8 @@ def sampler_part(args: argparse.Namespace, device: torch.device, peak: float | N
                heun_steps=args.heun_steps, nfe_per_net=nfe, batch=args.sampler_batch,
                flops_per_forward=dict(main=flops_main, guide=flops_guide), flops_per_sample=flops_per_sample,
                runs={"reference": ref})
-    checks = []
-    for graphs in args.cuda_graphs:
-        name = "fast+cuda-graphs" if graphs else "fast"
-        if graphs and device.type != "cuda":
-            out["runs"][name] = dict(skipped="CUDA graphs need a CUDA device")
-            print(f"  {name:18s} skipped (no CUDA device)")
-            continue
+    def fast_run(name: str, graphs: bool) -> tuple[dict, torch.Tensor]:
+        # Copies: the fast path converts layout and attention in place; the reference keeps the plain nets.
         denoiser = accel.FastDenoiser(
             copy.deepcopy(main), copy.deepcopy(guide), args.guidance, precision=args.fast_precision,
             use_channels_last=args.channels_last, sdpa=args.sdpa, backend=args.compile_backend,
@@ -215,7 +212,16 @@ def sampler_part(args: argparse.Namespace, device: torch.device, peak: float | N
 
         settings = dict(precision=args.fast_precision, compile=args.compile_backend, compile_mode=args.compile_mode,
                         channels_last=args.channels_last, sdpa=args.sdpa, cuda_graph=graphs)
-        run, x_fast = measure(name, fast, settings)
+        return measure(name, fast, settings)
+
+    checks = []
+    for graphs in args.cuda_graphs:
+        name = "fast+cuda-graphs" if graphs else "fast"
+        if graphs and device.type != "cuda":
+            out["runs"][name] = dict(skipped="CUDA graphs need a CUDA device")
+            print(f"  {name:18s} skipped (no CUDA device)")
+            continue
+        run, x_fast = fast_run(name, graphs)
         run["speedup"] = run["samples_per_s"] / ref["samples_per_s"]
         run["rel_err"] = accel.relative_error(x_fast, x_ref)
         checks.append(dict(what=f"sampler {name} endpoints vs reference (max per-sample relative L2 error)",
@@ -223,7 +229,6 @@ def sampler_part(args: argparse.Namespace, device: torch.device, peak: float | N
                            passed=run["rel_err"] <= args.sampler_rtol))
         print(f"  {'':18s} x{run['speedup']:.2f} vs reference, endpoint rel. error {run['rel_err']:.2e}")
         out["runs"][name] = run
-        del denoiser, x_fast
     return out, checks
 
 
@@ -268,11 +273,8 @@ def train_path(fast: bool, args: argparse.Namespace, init_state: dict, inputs: d
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = [timed(step, device)[1] for _ in range(args.train_repeats)]
-    result = dict(settings, first_loss=first_loss, first_step_s=first_s, times_s=times,
-                  median_s=statistics.median(times), peak_gib=peak_gib(device))
-    del net, opt, params, loss_fn
-    free_memory(device)
-    return result
+    return dict(settings, first_loss=first_loss, first_step_s=first_s, times_s=times,
+                median_s=statistics.median(times), peak_gib=peak_gib(device))
 
 
 def guarded(run: Callable[[], dict], what: str) -> dict:
@@ -287,16 +289,18 @@ def guarded(run: Callable[[], dict], what: str) -> dict:
 
 
 def train_part(args: argparse.Namespace, device: torch.device) -> tuple[list[dict], list[dict]]:
-    net = random_net(args.train_preset, args.seed + 3, device).train()
-    init_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    # Kept on the CPU: the device holds only the path being measured.
+    net = random_net(args.train_preset, args.seed + 3, torch.device("cpu")).train()
+    init_state = net.state_dict()
     results, checks = [], []
     for stage in args.stages:
         for batch in args.train_batches:
             inputs, guidance = make_batch(net, batch, stage, args.seed + 4 + stage, args.w_max, device)
             print(f"training step: {args.train_preset}, stage {stage}, batch {batch}"
                   + (f", w' = {guidance['w_pi']:.3f}" if stage == 2 else ""))
-            ref = guarded(lambda: train_path(False, args, init_state, inputs, guidance, stage, device), "reference")
-            fast = guarded(lambda: train_path(True, args, init_state, inputs, guidance, stage, device), "fast")
+            ref, fast = (guarded(functools.partial(train_path, is_fast, args, init_state, inputs, guidance, stage,
+                                                   device), name)
+                         for is_fast, name in ((False, "reference"), (True, "fast")))
             entry = dict(stage=stage, batch=batch, w_pi=guidance["w_pi"], reference=ref, fast=fast)
             for name, run in (("reference", ref), ("fast", fast)):
                 if not run.get("oom"):
@@ -417,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         print("ERROR: no CUDA device here; run with --smoke for the CPU check of the code paths", file=sys.stderr)
         return 2
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True  # both paths (EDM2's own scripts set it too)
     env = environment(device)
     peak, peak_source = peak_tflops(env["device_name"], args.peak_tflops)

@@ -17,10 +17,12 @@ would give the same loss trivially) -- and see the same batch, (t, r), labels an
 The first step's loss of every mode is checked against the reference (`--loss-rtol`); the run
 fails (exit 1) when it is out of tolerance. Each (stage, mode) runs in a fresh subprocess, so
 that its peak resident memory (getrusage maxrss) is its own; on CUDA the peak is
-torch.cuda.max_memory_allocated.
+torch.cuda.max_memory_allocated. On a shared machine use `--interleave`: all modes in one process,
+their timed steps in turn, so that they see the same load (no memory figures then). Medians and
+minima are both reported; the minimum is the step least disturbed by other processes.
 
     python benchmarks/train_step.py --preset toy-16 --batch 8 --repeats 5 --stage both --json out.json
-    python benchmarks/train_step.py --preset toy-16 --batch 8 --threads 1 --compile --modes forward
+    python benchmarks/train_step.py --preset toy-16 --batch 8 --threads 1 --compile --interleave --stage 1
 """
 
 from __future__ import annotations
@@ -108,60 +110,66 @@ def environment() -> dict:
                 python=platform.python_version(), loadavg=os.getloadavg())
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """Time `repeats` training steps of one (stage, mode) in this process."""
+def setup(args: argparse.Namespace, mode: str):
+    """The step function of one mode and what describes it; every mode gets the same net and batch."""
     import torch
 
     from remeanflow import accel, networks
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.stage = int(args.stage)
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     net = nonzero_gains_(networks.build(args.preset)).to(device).train()
     net.init_time_embedding_()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
-    inputs, guidance = make_batch(net, args.batch, args.stage, args.seed + 1, args.w_max, device)
-    compiled = args.compile and args.mode != "autograd"
-    loss_fn = accel.meanflow_loss_fn(net, jvp=args.mode, precision=args.precision,
+    inputs, guidance = make_batch(net, args.batch, int(args.stage), args.seed + 1, args.w_max, device)
+    compiled = args.compile and mode != "autograd"
+    loss_fn = accel.meanflow_loss_fn(net, jvp=mode, precision=args.precision,
                                      backend=args.compile_backend if compiled else None)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     def step() -> float:
         net.normalize_weights_()  # outside the loss: the forward must stay functional for func.jvp
         loss = loss_fn(**inputs, **guidance).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        if args.stage == 2:
+        if int(args.stage) == 2:
             torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
         return loss.item()
 
+    info = dict(stage=int(args.stage), mode=mode, compiled=compiled, precision=args.precision, w_pi=guidance["w_pi"],
+                params=sum(p.numel() for p in net.parameters()))
+    return step, info
+
+
+def timed(step) -> tuple[float, float]:
+    start = time.perf_counter()
+    loss = step()
+    return loss, time.perf_counter() - start
+
+
+def summary(info: dict, first: tuple[float, float], times: list[float]) -> dict:
+    import torch
+
+    return dict(info, first_loss=first[0], first_step_s=first[1], times_s=times, median_s=statistics.median(times),
+                min_s=min(times), threads=torch.get_num_threads(), loadavg=os.getloadavg())
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Time `repeats` training steps of one (stage, mode) in this process, with its peak memory."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    step, info = setup(args, args.mode)
     rss_before = current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         mem_before = torch.cuda.memory_allocated(device)
-    sync()
-    start = time.perf_counter()
-    first_loss = step()  # warm-up (and compilation), excluded from the timings
-    sync()
-    first_step_s = time.perf_counter() - start
-    times = []
-    for _ in range(args.repeats):
-        sync()
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    out = dict(
-        stage=args.stage, mode=args.mode, compiled=compiled, precision=args.precision, w_pi=guidance["w_pi"],
-        first_loss=first_loss, first_step_s=first_step_s, times_s=times, median_s=statistics.median(times),
-        threads=torch.get_num_threads(), loadavg=os.getloadavg(), params=sum(p.numel() for p in net.parameters()),
-    )
+    first = timed(step)  # warm-up (and compilation), excluded from the timings
+    out = summary(info, first, [timed(step)[1] for _ in range(args.repeats)])
     if device.type == "cuda":
         out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - mem_before) / 2**20
         out["peak_kind"] = "cuda max_memory_allocated above the pre-step allocation"
@@ -173,6 +181,30 @@ def worker(args: argparse.Namespace) -> dict:
     return out
 
 
+def interleaved(args: argparse.Namespace, stage: int) -> dict[str, dict]:
+    """All modes in this process, their timed steps taken in turn (round robin).
+
+    On a shared machine the load changes over seconds; alternating the modes step by step
+    exposes them to the same load, so their ratio is fair where separate runs are not. Peak
+    memory is not separable in one process and is not reported.
+    """
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args = argparse.Namespace(**{**vars(args), "stage": stage})
+    steps = {mode: setup(args, mode) for mode in args.modes}
+    firsts = {mode: timed(step) for mode, (step, _) in steps.items()}
+    times: dict[str, list[float]] = {mode: [] for mode in steps}
+    for _ in range(args.repeats):
+        for mode, (step, _) in steps.items():
+            times[mode].append(timed(step)[1])
+    runs = {mode: summary(info, firsts[mode], times[mode]) for mode, (_, info) in steps.items()}
+    for run in runs.values():
+        run.update(peak_mb=None, peak_kind="not measured (--interleave: all modes share one process)")
+    return runs
+
+
 def run_worker(args: argparse.Namespace, stage: int, mode: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--stage", str(stage), "--mode", mode]
     for key in ("preset", "batch", "repeats", "seed", "device", "w_max", "precision", "compile_backend"):
@@ -181,7 +213,7 @@ def run_worker(args: argparse.Namespace, stage: int, mode: str) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.compile:
         cmd.append("--compile")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker for stage {stage}, mode {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -214,6 +246,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-rtol", dest="loss_rtol", type=float, default=None,
                         help="tolerance on the first step's loss against the reference (default by precision: "
                              f"{DEFAULT_LOSS_RTOL})")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run all modes in one process, alternating their steps (fair ratios under changing "
+                             "load; no memory figures)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, default="forward", help=argparse.SUPPRESS)
@@ -235,26 +270,35 @@ def main(argv: list[str] | None = None) -> int:
     args.modes = ["autograd"] + [mode for mode in dict.fromkeys(args.modes) if mode != "autograd"]
     env = environment()
     results, failures = [], []
-    print(f"preset {args.preset}, batch {args.batch}, {args.repeats} timed steps after 1 warm-up, "
+    print(f"preset {args.preset}, batch {args.batch}, {args.repeats} timed steps after 1 warm-up"
+          f"{' (modes interleaved)' if args.interleave else ''}, "
           f"device {args.device}, {args.precision}, compile {args.compile_backend if args.compile else 'off'}, "
           f"host {env['host']}, {env['cpu_count']} CPUs, load {env['loadavg']}")
     for stage in stages:
-        runs = {mode: run_worker(args, stage, mode) for mode in args.modes}
+        if args.interleave:
+            runs = interleaved(args, stage)
+        else:
+            runs = {mode: run_worker(args, stage, mode) for mode in args.modes}
         ref = runs["autograd"]
         print(f"stage {stage} (w' = {ref['w_pi']:.3f}, {ref['params']:,} params, {ref['threads']} threads)")
         for mode, run in runs.items():
             # Ratios against the reference run of this invocation, same weights and batch.
             run["speedup"] = ref["median_s"] / run["median_s"]
-            run["memory_ratio"] = run["peak_mb"] / ref["peak_mb"] if ref["peak_mb"] > 0 else float("nan")
+            run["speedup_min"] = ref["min_s"] / run["min_s"]  # fastest steps: least disturbed by other load
+            measured = run["peak_mb"] is not None and ref["peak_mb"] is not None and ref["peak_mb"] > 0
+            run["memory_ratio"] = run["peak_mb"] / ref["peak_mb"] if measured else None
             run["loss_rel_diff"] = abs(run["first_loss"] - ref["first_loss"]) / abs(ref["first_loss"])
             run["loss_ok"] = run["loss_rel_diff"] <= args.loss_rtol
             if not run["loss_ok"]:
                 failures.append(f"stage {stage} {mode}: first-step loss {run['first_loss']!r} differs from the "
                                 f"reference {ref['first_loss']!r} by {run['loss_rel_diff']:.2e} > {args.loss_rtol:.0e}")
             tag = f"{mode}{' (compiled)' if run['compiled'] else ''}"
+            memory = (f"peak {run['peak_mb']:8.1f} MB  x{run['memory_ratio']:.2f}" if run["memory_ratio"] is not None
+                      else "peak n/a")
             print(f"  {tag:24s} median {run['median_s']:.4f} s/step  x{run['speedup']:.2f}  "
-                  f"peak {run['peak_mb']:8.1f} MB  x{run['memory_ratio']:.2f}  loss diff {run['loss_rel_diff']:.1e}  "
-                  f"first step {run['first_step_s']:.1f} s  load {run['loadavg'][0]:.2f}")
+                  f"min {run['min_s']:.4f} s  x{run['speedup_min']:.2f}  {memory}  "
+                  f"loss diff {run['loss_rel_diff']:.1e}  first step {run['first_step_s']:.1f} s  "
+                  f"load {run['loadavg'][0]:.2f}")
         results.append(dict(stage=stage, runs=runs))
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}

@@ -91,8 +91,9 @@ def sdpa_attention(block: networks.Block, x: torch.Tensor) -> torch.Tensor:
     """
     n, c, h, w = x.shape
     y = block.attn_qkv(x).reshape(n, block.num_heads, -1, 3, h * w)
-    q, k, v = networks.normalize(y, dim=2).unbind(3)  # [n, heads, c_head, hw] each
-    y = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+    # [n, heads, hw, c_head] each, contiguous: the fused kernels need a unit stride over channels
+    q, k, v = (z.transpose(-1, -2).contiguous() for z in networks.normalize(y, dim=2).unbind(3))
+    y = F.scaled_dot_product_attention(q, k, v)
     return block.attn_proj(y.transpose(-1, -2).reshape(n, c, h, w))
 
 
@@ -281,9 +282,14 @@ def meanflow_loss_fn(
     Returns `loss_fn(x, noise, labels, t, r, *, w=1.0, w_pi=1.0, p=0.5, c=1e-2) -> MeanFlowTerms`
     with the same arguments and results as the eager loss. Class indices are converted to
     one-hot rows outside the graph. Under torch.compile the forward-mode tangent (no grad) and
-    the forward with gradient become one graph and AOTAutograd compiles the backward; w and
-    w_pi are Python floats, so stage 2's per-step w_pi costs one recompilation (dynamo then
-    treats them as symbolic) rather than one per value.
+    the forward with gradient become one graph and AOTAutograd compiles the backward.
+
+    Limitation of the compiled stage 2: `meanflow_loss_terms` branches in Python on
+    `w == 1.0 and w_pi == 1.0`, so dynamo specialises the graph on the exact values of w and
+    w_pi and every new guidance scale compiles a new graph. Fine for a benchmark (one w_pi per
+    run), not for training, which draws w_pi every step: that needs `meanflow_loss_terms` to
+    take w and w_pi as tensors (graph inputs) without comparing their values. Stage 1
+    (w = w_pi = 1) compiles once.
 
     jvp="autograd" (the official double-backward reference) cannot be compiled: torch.compile
     does not capture `torch.autograd.functional.jvp(create_graph=True)`.

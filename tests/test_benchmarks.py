@@ -1,0 +1,238 @@
+"""Speed helpers (`remeanflow.accel`) and the benchmark scripts.
+
+The helpers are checked against the plain paths they replace (same numbers, up to rounding); the
+benchmarks run for real as subprocesses in their smallest configurations, and their JSON is
+checked for content and for the numerics checks they must make (including that a check fails
+when the tolerance cannot be met). No timing is asserted here: speed claims live in the JSON.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO
+
+from remeanflow import accel, meanflow, networks, sampling
+
+BENCH = REPO / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load("gpu_bench")
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    return _load("train_step")
+
+
+def _net(train_step, preset: str, seed: int, dtype=torch.float32) -> networks.Precond:
+    torch.manual_seed(seed)
+    net = train_step.nonzero_gains_(networks.build(preset)).to(dtype)
+    net.init_time_embedding_()
+    return net
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, check=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# accel: each fast path against the plain one.
+
+
+def test_sdpa_attention_matches_edm2_attention(train_step):
+    net = _net(train_step, "toy-16", 0, torch.float64)
+    blocks = [m for m in net.modules() if isinstance(m, networks.Block) and m.num_heads]
+    x = torch.randn(3, blocks[0].out_channels, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    plain = blocks[0]._attention(x)
+    assert accel.use_sdpa_attention(net) == len(blocks) > 0
+    fused = blocks[0]._attention(x)
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    assert accel.use_sdpa_attention(net, enable=False) == len(blocks)
+    assert "_attention" not in vars(blocks[0])  # back to the class's einsum form
+    # and through the whole net
+    xt, t = torch.randn(2, 3, 16, 16, dtype=torch.float64), torch.tensor([0.3, 0.9], dtype=torch.float64)
+    u_plain = net(xt, t, t * 0.5, torch.tensor([1, -1]))
+    accel.use_sdpa_attention(net)
+    torch.testing.assert_close(net(xt, t, t * 0.5, torch.tensor([1, -1])), u_plain, rtol=1e-12, atol=1e-12)
+
+
+def test_channels_last_net_same_output(train_step):
+    net = _net(train_step, "toy-16", 0)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([0.2, 0.7])
+    plain = net(x, t, t, torch.tensor([0, 5]))
+    accel.to_channels_last(net)
+    weight = net.unet.enc["16x16_conv"].weight
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    out = net(accel.channels_last(x), t, t, torch.tensor([0, 5]))
+    torch.testing.assert_close(out, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_fast_sampler_matches_edm_heun(train_step):
+    main, guide = _net(train_step, "toy-16", 0).eval(), _net(train_step, "toy-16-xs", 1).eval()
+    noise = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    labels = torch.tensor([0, 7, -1])
+    ref = sampling.edm_heun(main, noise, labels, num_steps=3, guide=guide, guidance=2.1)
+    denoiser = accel.FastDenoiser(copy.deepcopy(main), copy.deepcopy(guide), 2.1, precision="fp32", backend=None)
+    out = accel.fast_edm_heun(denoiser, noise, labels, num_steps=3)
+    assert accel.relative_error(out, ref) < 1e-4
+    # the guidance really is inside the denoiser: without the guide the endpoints differ
+    unguided = accel.FastDenoiser(copy.deepcopy(main), None, 1.0, precision="fp32", backend=None)
+    assert accel.relative_error(accel.fast_edm_heun(unguided, noise, labels, num_steps=3), ref) > 1e-2
+    with pytest.raises(ValueError, match="one-hot"):
+        denoiser.denoise(noise, torch.ones(3), labels)
+
+
+@pytest.mark.parametrize("jvp", ["forward", "autograd"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_loss_fn_is_the_eager_loss(train_step, jvp, stage):
+    net = _net(train_step, "tiny", 0).train()
+    inputs, guidance = train_step.make_batch(net, 4, stage, seed=3, w_max=2.5, device="cpu")
+    ref = meanflow.meanflow_loss_terms(net, **inputs, **guidance, jvp=jvp)
+    out = accel.meanflow_loss_fn(net, jvp=jvp)(**inputs, **guidance)
+    assert torch.equal(out.loss, ref.loss) and torch.equal(out.e, ref.e)
+    assert out.loss.requires_grad
+
+
+def test_loss_fn_rejects_what_cannot_work(train_step):
+    net = _net(train_step, "tiny", 0)
+    with pytest.raises(ValueError, match="cannot be captured"):
+        accel.meanflow_loss_fn(net, jvp="autograd", backend="inductor")
+    with pytest.raises(ValueError, match="precision"):
+        accel.meanflow_loss_fn(net, precision="fp8")
+    with pytest.raises(ValueError, match="backend"):
+        accel.compile_fn(lambda x: x, backend="no-such-backend")
+    with pytest.raises(ValueError, match="CUDA"):
+        accel.CudaGraphCall(lambda x: x * 2, [torch.ones(2)])
+
+
+def test_forward_flops_match_the_measured_edm2_figures():
+    """REFERENCE.md (torch FLOP counter on the paper's nets, 64x64, batch 1): S 201.6, XS 89.9 GFLOP,
+    18.4 TFLOP per coupling with 32 Heun steps. Counted here on the meta device (no compute)."""
+    with torch.device("meta"):
+        s, xs = networks.build("edm2-img512-s"), networks.build("edm2-img512-xs")
+    flops_s, flops_xs = accel.forward_flops(s, 1, "meta"), accel.forward_flops(xs, 1, "meta")
+    assert flops_s / 1e9 == pytest.approx(201.6, rel=1e-3)
+    assert flops_xs / 1e9 == pytest.approx(89.9, rel=1e-3)
+    assert accel.heun_nfe(32) == 63
+    assert accel.heun_nfe(32) * (flops_s + flops_xs) / 1e12 == pytest.approx(18.4, rel=3e-3)
+
+
+def test_relative_error():
+    ref = torch.ones(2, 3)
+    assert accel.relative_error(ref.clone(), ref) == 0
+    bad = ref.clone()
+    bad[1, 0] = 2  # second sample: ||(1, 0, 0)|| / ||(1, 1, 1)||
+    assert accel.relative_error(bad, ref) == pytest.approx(1 / 3**0.5)
+    assert accel.relative_error(torch.full((2, 3), float("nan")), ref) == float("inf")
+    with pytest.raises(ValueError, match="shapes"):
+        accel.relative_error(torch.ones(2, 4), ref)
+
+
+def test_peak_tflops_by_device_name(bench):
+    assert bench.peak_tflops("NVIDIA H200", None)[0] == 989
+    assert bench.peak_tflops("NVIDIA H200 NVL", None)[0] == 835
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", None)[0] == 989
+    assert bench.peak_tflops("NVIDIA H100 PCIe", None)[0] == 756
+    assert bench.peak_tflops("NVIDIA A100-SXM4-80GB", None)[0] == 312
+    assert bench.peak_tflops("NVIDIA L4", None)[0] is None
+    assert bench.peak_tflops("NVIDIA L4", 121.0) == (121.0, "--peak-tflops")
+    with pytest.raises(ValueError, match="peak"):
+        bench.peak_tflops("NVIDIA H200", -1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The scripts, for real.
+
+
+@pytest.mark.slow
+def test_gpu_bench_smoke(tmp_path):
+    out = tmp_path / "smoke.json"
+    proc = _run("gpu_bench.py", "--smoke", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["format"] == "remeanflow.gpu-bench/1" and report["smoke"] and report["passed"]
+    assert report["env"]["torch"] == torch.__version__
+
+    sampler = report["sampler"]
+    assert (sampler["heun_steps"], sampler["nfe_per_net"], sampler["batch"]) == (2, 3, 4)
+    with torch.device("meta"):
+        flops = [accel.forward_flops(networks.build(p), 1, "meta") for p in ("toy-16", "toy-16-xs")]
+    assert sampler["flops_per_forward"] == dict(main=flops[0], guide=flops[1])
+    assert sampler["flops_per_sample"] == 3 * sum(flops)
+    ref, fast = sampler["runs"]["reference"], sampler["runs"]["fast"]
+    assert ref["precision"] == "fp32" and fast["precision"] == "bf16" and fast["compile"] == "eager"
+    assert fast["channels_last"] and fast["sdpa"]
+    for run in (ref, fast):
+        assert run["samples_per_s"] == pytest.approx(4 / run["median_s"])
+    # bf16 against fp32 really differs, but within the tolerance
+    assert 0 < fast["rel_err"] <= report["settings"]["sampler_rtol"]
+    assert "CUDA" in sampler["runs"]["fast+cuda-graphs"]["skipped"]
+
+    train = report["train"]
+    assert sorted((e["stage"], e["batch"]) for e in train) == [(1, 2), (1, 4), (2, 2), (2, 4)]
+    for entry in train:
+        assert entry["reference"]["jvp"] == "autograd" and entry["fast"]["jvp"] == "forward"
+        assert entry["fast"]["compile"] == "eager" and entry["fast"]["precision"] == "bf16"
+        assert len(entry["fast"]["times_s"]) == 2 and entry["speedup"] > 0
+        assert 0 < entry["loss_rel_diff"] <= report["settings"]["loss_rtol"]
+        assert (entry["w_pi"] == 1.0) == (entry["stage"] == 1)
+    assert len(report["checks"]) == 1 + len(train) and all(c["passed"] for c in report["checks"])
+    assert report["targets"] and all(t["passed"] is None for t in report["targets"])  # smoke: not applicable
+
+
+@pytest.mark.slow
+def test_gpu_bench_fails_loudly_out_of_tolerance(tmp_path):
+    out = tmp_path / "fail.json"
+    proc = _run("gpu_bench.py", "--smoke", "--compile-backend", "none", "--stages", "1", "--train-batches", "2",
+                "--sampler-rtol", "1e-9", "--loss-rtol", "1e-9", "--json", str(out))
+    assert proc.returncode == 1
+    assert "ERROR: sampler fast endpoints" in proc.stderr and "ERROR: stage 1 batch 2: first-step loss" in proc.stderr
+    report = json.loads(out.read_text())
+    assert not report["passed"] and len(report["failures"]) == 2
+    assert report["settings"]["compile_backend"] is None
+
+
+@pytest.mark.slow
+def test_train_step_benchmark(tmp_path):
+    out = tmp_path / "train_step.json"
+    proc = _run("train_step.py", "--preset", "tiny", "--batch", "3", "--repeats", "1", "--stage", "2", "--threads", "1",
+                "--modes", "forward", "--compile", "--compile-backend", "eager", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["format"] == "remeanflow.train-step-bench/2" and report["passed"]
+    (result,) = report["results"]
+    runs = result["runs"]
+    assert result["stage"] == 2 and list(runs) == ["autograd", "forward"]
+    assert not runs["autograd"]["compiled"] and runs["forward"]["compiled"]
+    assert runs["autograd"]["speedup"] == 1.0 and runs["forward"]["speedup"] > 0
+    assert runs["forward"]["loss_ok"] and runs["forward"]["loss_rel_diff"] <= report["args"]["loss_rtol"]
+    assert runs["forward"]["w_pi"] == runs["autograd"]["w_pi"] > 1  # stage 2: one guidance scale for all modes
+    assert len(runs["forward"]["times_s"]) == 1 and runs["forward"]["threads"] == 1
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_fails_out_of_tolerance(tmp_path):
+    """bf16 modes really differ from each other in rounding; a tolerance below that must fail the run."""
+    out = tmp_path / "train_step.json"
+    proc = _run("train_step.py", "--preset", "tiny", "--batch", "2", "--repeats", "1", "--stage", "1", "--threads", "1",
+                "--modes", "forward", "--precision", "bf16", "--loss-rtol", "1e-12", "--json", str(out))
+    assert proc.returncode == 1 and "ERROR: stage 1 forward: first-step loss" in proc.stderr
+    report = json.loads(out.read_text())
+    assert not report["passed"] and not report["results"][0]["runs"]["forward"]["loss_ok"]
