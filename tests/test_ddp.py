@@ -42,14 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 PER_RANK = TRAIN_KW["batch_size"] // 2
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")

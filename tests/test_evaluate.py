@@ -19,15 +19,6 @@ CLASSES = 4
 HELDOUT = dict(num_samples=24, seed=7, num_classes=CLASSES, heun_steps=3, guidance=1.5, batch=10, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny nets gain nothing from intra-op threads on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(seed: int) -> networks.Precond:
     """A 3-channel tiny EDM2 net; the zero-initialised gains are set so that every path matters."""
     torch.manual_seed(seed)

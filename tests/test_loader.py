@@ -19,14 +19,6 @@ from train_worker import FINGERPRINT, make_couplings  # noqa: E402
 N, CHUNK = 96, 8  # 12 chunks
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sets(tmp_path_factory):
     """The same couplings under three truncations: 90% kept, 30% kept (heavy), none."""

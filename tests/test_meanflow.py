@@ -16,16 +16,6 @@ from remeanflow import meanflow, networks
 # Helpers.
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These nets are far too small to gain from intra-op threads, and OpenMP threads that spin
-    on a shared 2-core machine slow the forward-mode JVP down a hundredfold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SmoothNet(torch.nn.Module):
     """A small smooth conditional model u(x_t, t, r | c) that stays in float64 end to end, for
     derivative checks at tolerances the float32 EDM2 net cannot reach."""

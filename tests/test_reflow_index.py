@@ -37,7 +37,7 @@ def test_deterministic_and_hash_tracks_content_and_params(tmp_path):
     a = R.build_index(tmp_path / "a.zarr", seed=3, **kw)
     b = R.build_index(tmp_path / "b.zarr", seed=3, **kw)
     c = R.build_index(tmp_path / "c.zarr", seed=4, **kw)
-    one = R.build_index(tmp_path / "one.zarr", seed=3, mode="imagenet", labels=DATASET, passes=1)
+    R.build_index(tmp_path / "one.zarr", seed=3, mode="imagenet", labels=DATASET, passes=1)
     more = R.build_index(tmp_path / "k.zarr", seed=3, num_classes=6, **kw)  # same labels, other params
     la, lc = (R.load_index(tmp_path / n).labels for n in ("a.zarr", "c.zarr"))
     np.testing.assert_array_equal(la, R.load_index(tmp_path / "b.zarr").labels)

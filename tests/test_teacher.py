@@ -15,15 +15,6 @@ from remeanflow import checkpoints, networks, teacher
 TINY = dict(img_channels=3, label_dim=2)  # 'tiny' preset (8x8) reshaped for RGB, 2 classes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny nets gain nothing from threads, and a shared 2-core machine makes them much slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def colour_set(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Two classes of near-constant images: reddish (0) and bluish (1), random brightness."""
     rng = np.random.default_rng(seed)

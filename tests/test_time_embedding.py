@@ -12,16 +12,6 @@ from remeanflow import networks, time_embedding
 TRAINED = ("unet.emb_noise_t.weight", "unet.emb_noise_r.weight")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny nets gain nothing from intra-op threads; spinning OpenMP threads on a shared 2-core
-    machine only slow them down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_net(seed: int = 0) -> networks.Precond:
     torch.manual_seed(seed)
     return networks.build("tiny")

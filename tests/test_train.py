@@ -30,16 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 STAGE1_STEPS = 40
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny nets gain nothing from threads on a shared 2-core machine, and the kill/resume test
-    compares against a single-threaded worker process bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
