@@ -50,6 +50,7 @@ import zarr
 from tqdm import tqdm
 
 from .fileio import atomic_path, json_sha256, tree_checksum
+from .meanflow import truncation_mask, truncation_threshold
 from .reflow_index import ReflowIndex, load_index
 from .sampling import per_sample_noise
 
@@ -545,10 +546,10 @@ def truncation(d: np.ndarray, *, quantile: float | None, fixed_threshold: float 
     if fixed_threshold is not None:
         mode, quantile, threshold = "fixed", None, float(fixed_threshold)
     elif quantile is not None:
-        mode, threshold = "quantile", float(np.quantile(d, quantile))
+        mode, threshold = "quantile", truncation_threshold(d, quantile)
     else:
         mode, threshold = "none", None
-    kept = int(d.size if threshold is None else np.count_nonzero(d <= threshold))
+    kept = int(d.size if threshold is None else np.count_nonzero(truncation_mask(d, threshold)))
     return {"mode": mode, "quantile": quantile, "threshold": threshold, "kept": kept,
             "dropped": int(d.size) - kept, "rule": "keep distance <= threshold"}
 

@@ -100,12 +100,6 @@ def sample_t_r(
 # Couplings and labels.
 
 
-def coupling_distance(n: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean((n - x)^2) over all non-batch dimensions (Re-MeanFlow distance truncation)."""
-    diff = n.to(torch.float32) - x.to(torch.float32)  # couplings may be stored in float16
-    return diff.square().flatten(1).mean(dim=1)
-
-
 def truncation_threshold(distances: torch.Tensor | np.ndarray, quantile: float = 0.9) -> float:
     """Distance below which couplings are kept: the `quantile` of the whole coupling set.
 
@@ -125,8 +119,9 @@ def truncation_threshold(distances: torch.Tensor | np.ndarray, quantile: float =
     return float(np.quantile(d.astype(np.float64).ravel(), quantile, method="inverted_cdf"))
 
 
-def truncation_mask(distances: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Boolean mask of the couplings to keep (distance <= threshold)."""
+def truncation_mask(distances, threshold: float):
+    """Boolean mask (tensor or array, like `distances`) of the couplings to keep (distance <= threshold).
+    The distances are `couplings.coupling_distance`, computed once per coupling at merge."""
     return distances <= threshold
 
 
