@@ -1,13 +1,15 @@
 """Benchmark one MeanFlow training step: forward-mode JVP (`torch.func.jvp`) against the official
 double-backward reference (`torch.autograd.functional.jvp(create_graph=True)`).
 
-Modes (`remeanflow.meanflow.jvp_t`): "autograd" (the official reference), "forward" (plain
-forward for u plus a graph-free forward-mode tangent) and "forward-fused" (one `torch.func.jvp`
-with autograd recording both the primal and the tangent computation). With `--compile` the
-forward modes run through `remeanflow.accel.meanflow_loss_fn` compiled as one graph
-(torch.compile; AOTAutograd compiles the backward); the reference always runs eagerly, because
-torch.compile cannot capture the double-backward trick. The first step (compilation included) is
-reported separately and excluded from the timings.
+Modes (`remeanflow.meanflow.jvp_t`): "autograd" (the official reference), "tangent" (the
+default: the net's hand-derived tangent pass, `Precond.forward(..., v_hat=)`, one pass for u and
+du/dt), "forward" (plain forward for u plus a graph-free `torch.func.jvp` tangent) and
+"forward-fused" (one `torch.func.jvp` with autograd recording both the primal and the tangent
+computation). `--compile` adds each non-reference mode once more, run through
+`remeanflow.accel.meanflow_loss_fn` compiled as one graph (torch.compile; AOTAutograd compiles
+the backward), reported as "<mode>+compile"; the reference always runs eagerly, because
+torch.compile cannot capture the double-backward trick. The first step (compilation included)
+is reported separately and excluded from the timings.
 
 A step is what the training loop does per batch: forced weight normalisation, the MeanFlow loss
 (forward + JVP; in stage 2 also the no-grad CFG forward), backward, grad clipping (stage 2) and an
@@ -41,8 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
-MODES = ("autograd", "forward", "forward-fused")  # the reference first
-FORMAT = "remeanflow.train-step-bench/2"
+MODES = ("autograd", "tangent", "forward", "forward-fused")  # the reference first
+FORMAT = "remeanflow.train-step-bench/3"
 # Default tolerance on the first step's loss against the reference: the modes compute the same
 # function with different operation orders, so only rounding separates them.
 DEFAULT_LOSS_RTOL = {"fp32": 1e-4, "bf16": 2e-2}
@@ -110,7 +112,16 @@ def environment() -> dict:
                 python=platform.python_version(), loadavg=os.getloadavg())
 
 
-def setup(args: argparse.Namespace, mode: str):
+def variants(args: argparse.Namespace) -> dict[str, tuple[str, bool]]:
+    """Run name -> (JVP mode, compiled): every mode eagerly, the reference first, and with
+    --compile every other mode compiled as well."""
+    out = {mode: (mode, False) for mode in args.modes}
+    if args.compile:
+        out.update({f"{mode}+compile": (mode, True) for mode in args.modes if mode != "autograd"})
+    return out
+
+
+def setup(args: argparse.Namespace, mode: str, compiled: bool = False):
     """The step function of one mode and what describes it; every mode gets the same net and batch."""
     import torch
 
@@ -122,7 +133,7 @@ def setup(args: argparse.Namespace, mode: str):
     net.init_time_embedding_()
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
     inputs, guidance = make_batch(net, args.batch, int(args.stage), args.seed + 1, args.w_max, device)
-    compiled = args.compile and mode != "autograd"
+    compiled = compiled and mode != "autograd"
     loss_fn = accel.meanflow_loss_fn(net, jvp=mode, precision=args.precision,
                                      backend=args.compile_backend if compiled else None)
 
@@ -163,7 +174,7 @@ def worker(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    step, info = setup(args, args.mode)
+    step, info = setup(args, args.mode, args.compiled)
     rss_before = current_rss_mb()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -193,7 +204,7 @@ def interleaved(args: argparse.Namespace, stage: int) -> dict[str, dict]:
     if args.threads:
         torch.set_num_threads(args.threads)
     args = argparse.Namespace(**{**vars(args), "stage": stage})
-    steps = {mode: setup(args, mode) for mode in args.modes}
+    steps = {name: setup(args, mode, compiled) for name, (mode, compiled) in variants(args).items()}
     firsts = {mode: timed(step) for mode, (step, _) in steps.items()}
     times: dict[str, list[float]] = {mode: [] for mode in steps}
     for _ in range(args.repeats):
@@ -205,14 +216,14 @@ def interleaved(args: argparse.Namespace, stage: int) -> dict[str, dict]:
     return runs
 
 
-def run_worker(args: argparse.Namespace, stage: int, mode: str) -> dict:
+def run_worker(args: argparse.Namespace, stage: int, mode: str, compiled: bool) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--stage", str(stage), "--mode", mode]
     for key in ("preset", "batch", "repeats", "seed", "device", "w_max", "precision", "compile_backend"):
         cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
-    if args.compile:
-        cmd.append("--compile")
+    if compiled:
+        cmd.append("--compiled")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"worker for stage {stage}, mode {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -240,7 +251,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="JVP modes to run; autograd (the reference) is always included")
     parser.add_argument("--precision", choices=sorted(DEFAULT_LOSS_RTOL), default="fp32",
                         help="autocast precision of every mode, the reference included")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the loss of the forward modes")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run every non-reference mode with its loss compiled (torch.compile)")
     parser.add_argument("--compile-backend", dest="compile_backend", default="inductor",
                         help="torch.compile backend with --compile ('eager' only checks graph capture)")
     parser.add_argument("--loss-rtol", dest="loss_rtol", type=float, default=None,
@@ -251,7 +263,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "load; no memory figures)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--mode", choices=MODES, default="forward", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", choices=MODES, default="tangent", help=argparse.SUPPRESS)
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.batch < 1 or args.repeats < 1:
         parser.error(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
@@ -278,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.interleave:
             runs = interleaved(args, stage)
         else:
-            runs = {mode: run_worker(args, stage, mode) for mode in args.modes}
+            runs = {name: run_worker(args, stage, mode, compiled) for name, (mode, compiled) in variants(args).items()}
         ref = runs["autograd"]
         print(f"stage {stage} (w' = {ref['w_pi']:.3f}, {ref['params']:,} params, {ref['threads']} threads)")
         for mode, run in runs.items():
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             if not run["loss_ok"]:
                 failures.append(f"stage {stage} {mode}: first-step loss {run['first_loss']!r} differs from the "
                                 f"reference {ref['first_loss']!r} by {run['loss_rel_diff']:.2e} > {args.loss_rtol:.0e}")
-            tag = f"{mode}{' (compiled)' if run['compiled'] else ''}"
+            tag = mode
             memory = (f"peak {run['peak_mb']:8.1f} MB  x{run['memory_ratio']:.2f}" if run["memory_ratio"] is not None
                       else "peak n/a")
             print(f"  {tag:24s} median {run['median_s']:.4f} s/step  x{run['speedup']:.2f}  "

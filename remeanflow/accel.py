@@ -81,27 +81,31 @@ def to_channels_last(module: torch.nn.Module) -> torch.nn.Module:
 # Attention.
 
 
-def sdpa_attention(block: networks.Block, x: torch.Tensor) -> torch.Tensor:
-    """`networks.Block._attention` through `F.scaled_dot_product_attention`.
+def sdpa_attention(block: networks.Block, x: torch.Tensor, dx: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+    """`networks.Block._attention` through `F.scaled_dot_product_attention` (no tangent).
 
     EDM2's cosine attention is softmax(q^T k / sqrt(c)) applied to v, with q, k, v normalised
     per pixel over the head's channels (EDM2 Fig. 21). Written channels-last per head ([.., hw, c])
     it is exactly SDPA with its default scale 1/sqrt(c), which can then use fused kernels that
     never materialise the [hw, hw] attention matrix.
     """
+    if dx is not None:
+        raise ValueError("SDPA attention has no tangent rule: a net that computes MeanFlow tangents keeps EDM2's "
+                         "einsum attention (use_sdpa_attention is for inference)")
     n, c, h, w = x.shape
     y = block.attn_qkv(x).reshape(n, block.num_heads, -1, 3, h * w)
     # [n, heads, hw, c_head] each, contiguous: the fused kernels need a unit stride over channels
     q, k, v = (z.transpose(-1, -2).contiguous() for z in networks.normalize(y, dim=2).unbind(3))
     y = F.scaled_dot_product_attention(q, k, v)
-    return block.attn_proj(y.transpose(-1, -2).reshape(n, c, h, w))
+    return block.attn_proj(y.transpose(-1, -2).reshape(n, c, h, w)), None
 
 
 def use_sdpa_attention(net: torch.nn.Module, enable: bool = True) -> int:
     """Switch every attention block of `net` to `sdpa_attention` (or back); returns how many.
 
-    Inference only (sampling, CFG targets): `torch.func.jvp` has no forward-mode rule for the
-    fused SDPA kernels, so a net that computes MeanFlow tangents must keep the einsum form.
+    Inference only (sampling, CFG targets): neither `torch.func.jvp` nor the net's own tangent
+    rules go through the fused SDPA kernels, so a net that computes MeanFlow tangents must keep
+    the einsum form.
     """
     count = 0
     for module in net.modules():
@@ -269,7 +273,7 @@ def fast_edm_heun(denoiser: FastDenoiser, noise: torch.Tensor, labels: torch.Ten
 def meanflow_loss_fn(
     net: networks.Precond,
     *,
-    jvp: str = "forward",
+    jvp: str = "tangent",
     precision: str = "fp32",
     use_channels_last: bool = False,
     backend: str | None = None,

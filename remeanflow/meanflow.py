@@ -194,7 +194,7 @@ def cfg_target(
     return torch.where(_per_sample(null, v), v, v_hat)
 
 
-JVP_MODES = ("forward", "forward-fused", "autograd")
+JVP_MODES = ("tangent", "forward", "forward-fused", "autograd")
 
 
 def jvp_t(
@@ -204,7 +204,7 @@ def jvp_t(
     r: torch.Tensor,
     labels: torch.Tensor | None,
     v_hat: torch.Tensor,
-    jvp: str = "forward",
+    jvp: str = "tangent",
     tangent_fn: ModelFn | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(u, du/dt): u(x_t, t, r | c) and its total derivative along (v_hat, 1, 0) (MeanFlow Eq. 8).
@@ -213,6 +213,10 @@ def jvp_t(
     target). r is held fixed rather than carried with a zero tangent: same derivative, no dual
     numbers through the r embedding.
 
+    jvp="tangent": u and du/dt from one call `model_fn(x_t, t, r, labels, v_hat=v_hat)`, which
+    `networks.Precond.forward` answers with its hand-derived tangent rules: two convolutions per
+    MPConv in the pass (torch.func.jvp needs three), u's graph only, and the call goes through a
+    DDP wrapper's forward. The fastest mode; needs a model that takes `v_hat`.
     jvp="forward": u from an ordinary forward of `model_fn`, du/dt from `torch.func.jvp` of
     `tangent_fn` (default `model_fn`) under no_grad. Since du/dt needs no graph, the tangent pass
     records nothing for backward: one extra primal forward buys the smallest peak memory, and
@@ -231,7 +235,9 @@ def jvp_t(
         return lambda x_t, t: fn(x_t, t, r, labels)
 
     primals, tangents = (x_t, t), (v_hat, torch.ones_like(t))
-    if jvp == "forward":
+    if jvp == "tangent":
+        u, dudt = model_fn(x_t, t, r, labels, v_hat=v_hat)
+    elif jvp == "forward":
         # Tangent first: its live set is gone before the graph of u starts to build up.
         with torch.no_grad():
             _, dudt = torch.func.jvp(along(tangent_fn if tangent_fn is not None else model_fn), primals, tangents)
@@ -257,7 +263,7 @@ def meanflow_loss_terms(
     w_pi: float = 1.0,
     p: float = 0.5,
     c: float = 1e-2,
-    jvp: str = "forward",
+    jvp: str = "tangent",
     model_fn: ModelFn | None = None,
     tangent_fn: ModelFn | None = None,
 ) -> MeanFlowTerms:
@@ -298,7 +304,7 @@ def meanflow_loss(
     w_pi: float = 1.0,
     p: float = 0.5,
     c: float = 1e-2,
-    jvp: str = "forward",
+    jvp: str = "tangent",
     model_fn: ModelFn | None = None,
     tangent_fn: ModelFn | None = None,
 ) -> torch.Tensor:
@@ -313,13 +319,15 @@ def meanflow_loss(
     (x_t, t, r) -> u(x_t, t, r | c) along (v_hat, 1, 0); u_tgt = v_hat - (t - r)·du/dt;
     e = mean over C,H,W of (u - sg(u_tgt))^2; loss = mean(e / sg((e + c)^p)).
 
-    jvp selects how du/dt is computed (`jvp_t`): "forward" (default, graph-free forward-mode
-    tangent), "forward-fused" or "autograd" (the official reference). The network's forward
-    must not mutate parameters: call `net.normalize_weights_()` before the step.
-    `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a DDP-wrapped
-    model, so gradient synchronisation is not bypassed); `tangent_fn`, if given, is used for the
-    no-grad forward-mode tangent instead (e.g. that model's unwrapped module, which
-    `torch.func.jvp` can trace).
+    jvp selects how du/dt is computed (`jvp_t`): "tangent" (default: the network's own
+    hand-derived tangent pass, `networks.Precond.forward(..., v_hat=)`), "forward" (graph-free
+    `torch.func.jvp` tangent, any model), "forward-fused" or "autograd" (the official reference).
+    The network's forward must not mutate parameters: call `net.normalize_weights_()` before the
+    step. `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a
+    DDP-wrapped model, so gradient synchronisation is not bypassed); with jvp="tangent" it is
+    called with `v_hat=` and must return (u, du/dt). `tangent_fn`, if given, is used for the
+    no-grad `torch.func.jvp` tangent of jvp="forward" instead (e.g. that model's unwrapped
+    module, which `torch.func.jvp` can trace).
     """
     return meanflow_loss_terms(
         net, x, noise, labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp, model_fn=model_fn, tangent_fn=tangent_fn

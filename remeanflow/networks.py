@@ -12,6 +12,16 @@ checkpoints load by name. Two deliberate differences from the reference implemen
   (Re-MeanFlow, arXiv 2511.23342), with the teacher's ln(sigma)/4 noise embedding replaced by
   mp_sum(emb_t(fourier(t)), emb_r(fourier(r))).
 
+With `v_hat` given, `Precond.forward` also returns du/dt, the total derivative of u along
+(v_hat, 1, 0) that the MeanFlow target needs (MeanFlow Eq. 8), from hand-derived tangent rules
+that ride along the forward pass (the `*_jvp` functions and methods below). Why not
+`torch.func.jvp` alone: PyTorch's forward-mode rule for convolution also evaluates conv(x, w_t)
+with a materialised zero weight tangent, so every MPConv costs three convolutions instead of two,
+and `torch.compile` cannot trace a custom jvp. The rules here carry a tangent only where it is
+non-zero, run under no_grad (du/dt only enters the stop-gradient target, so the tangent records
+no graph while u keeps its own), and are plain tensor ops that compile. A tangent of None means
+zero; with every tangent None the same code is the ordinary forward.
+
 Flow convention: data at t=0, noise at t=1, x_t = (1-t) x + t n, velocity v = n - x.
 """
 
@@ -72,6 +82,73 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
     raise ValueError(f"resample mode must be 'keep', 'down' or 'up', got {mode!r}")
 
 
+# Tangent rules of the primitives (see the module docstring). Each takes the primal input(s) and
+# their tangents (None = zero) and returns the output tangent (None when it is zero). Linear
+# primitives (MPConv, resample, mp_sum, mp_cat) are their own tangent maps.
+
+
+@torch.no_grad()
+def normalize_jvp(x: torch.Tensor, dx: torch.Tensor | None, dim=None, eps: float = 1e-4) -> torch.Tensor | None:
+    """Tangent of `normalize`: with n = eps + a|x|, d(x/n) = dx/n - x (a <x, dx>/|x|) / n^2."""
+    if dx is None:
+        return None
+    if dim is None:
+        dim = list(range(1, x.ndim))
+    dtype = _compute_dtype(x.dtype)
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
+    alpha = math.sqrt(norm.numel() / x.numel())
+    n = eps + alpha * norm
+    dot = (x.to(dtype) * dx.to(dtype)).sum(dim=dim, keepdim=True)
+    dnorm = torch.where(norm > 0, dot / norm, 0)  # |x| is not differentiable at 0: PyTorch's 0
+    return (dx.to(dtype) / n - x.to(dtype) * (alpha * dnorm / n**2)).to(dx.dtype)
+
+
+@torch.no_grad()
+def mp_silu_jvp(x: torch.Tensor, dx: torch.Tensor | None) -> torch.Tensor | None:
+    """Tangent of `mp_silu`: silu'(x) = s (1 + x (1 - s)) with s = sigmoid(x)."""
+    if dx is None:
+        return None
+    s = torch.sigmoid(x)
+    return dx * (s * (1 + x * (1 - s))) / 0.596
+
+
+def mp_sum_jvp(da: torch.Tensor | None, db: torch.Tensor | None, t: float = 0.5) -> torch.Tensor | None:
+    """Tangent of `mp_sum` (linear), with None for a zero tangent of either input."""
+    if da is None and db is None:
+        return None
+    scale = math.sqrt((1 - t) ** 2 + t**2)
+    if db is None:
+        return da * ((1 - t) / scale)
+    if da is None:
+        return db * (t / scale)
+    return mp_sum(da, db, t)
+
+
+@torch.no_grad()
+def product_jvp(a: torch.Tensor, da: torch.Tensor | None, b: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor | None:
+    """Tangent of a * b (product rule)."""
+    terms = [d for d in (da * b if da is not None else None, a * db if db is not None else None) if d is not None]
+    return sum(terms[1:], terms[0]) if terms else None
+
+
+@torch.no_grad()
+def clamp_jvp(x: torch.Tensor, dx: torch.Tensor | None, bound: float) -> torch.Tensor | None:
+    """Tangent of x.clamp(-bound, bound): dx where the clamp is inactive (PyTorch's convention
+    at the boundary, where the derivative is one)."""
+    if dx is None:
+        return None
+    return dx * ((x >= -bound) & (x <= bound)).to(dx.dtype)
+
+
+def linear_jvp(fn, dx: torch.Tensor | None, *args, **kwargs) -> torch.Tensor | None:
+    """Tangent of a linear map `fn` (its own tangent map), under no_grad so that no parameter
+    records a graph for it."""
+    if dx is None:
+        return None
+    with torch.no_grad():
+        return fn(dx, *args, **kwargs)
+
+
 class MPFourier(torch.nn.Module):
     """Random Fourier features cos(2pi f x + phi)·sqrt(2), unit variance for any x (EDM2 Eq. 75)."""
 
@@ -81,9 +158,18 @@ class MPFourier(torch.nn.Module):
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.jvp(x, None)[0]
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and their tangent -sin(2pi f x + phi)·sqrt(2)·2pi f dx."""
         dtype = _compute_dtype(x.dtype)
-        y = x.to(dtype).outer(self.freqs.to(dtype)) + self.phases.to(dtype)
-        return (y.cos() * math.sqrt(2)).to(x.dtype)
+        freqs = self.freqs.to(dtype)
+        y = x.to(dtype).outer(freqs) + self.phases.to(dtype)
+        out = (y.cos() * math.sqrt(2)).to(x.dtype)
+        if dx is None:
+            return out, None
+        with torch.no_grad():
+            return out, (-y.sin() * math.sqrt(2) * dx.to(dtype).outer(freqs)).to(x.dtype)
 
 
 class MPConv(torch.nn.Module):
@@ -152,36 +238,62 @@ class Block(torch.nn.Module):
         self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        x = resample(x, self.resample_mode)
+        return self.jvp(x, None, emb, None)[0]
+
+    def jvp(
+        self, x: torch.Tensor, dx: torch.Tensor | None, emb: torch.Tensor, demb: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output and its tangent for tangents dx of x and demb of emb."""
+        x, dx = resample(x, self.resample_mode), linear_jvp(resample, dx, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                x = self.conv_skip(x)
-            x = normalize(x, dim=1)  # pixel norm keeps encoder activations on the sphere
+                x, dx = self.conv_skip(x), linear_jvp(self.conv_skip, dx)
+            # pixel norm keeps encoder activations on the sphere
+            x, dx = normalize(x, dim=1), normalize_jvp(x, dx, dim=1)
 
-        y = self.conv_res0(mp_silu(x))
-        c = self.emb_linear(emb, gain=self.emb_gain) + 1
-        y = mp_silu(y * c[:, :, None, None].to(y.dtype))
+        y, dy = self.conv_res0(mp_silu(x)), linear_jvp(self.conv_res0, mp_silu_jvp(x, dx))
+        c, dc = self.emb_linear(emb, gain=self.emb_gain) + 1, linear_jvp(self.emb_linear, demb, gain=self.emb_gain)
+        c = c[:, :, None, None].to(y.dtype)
+        dc = dc[:, :, None, None].to(y.dtype) if dc is not None else None
+        y, dy = y * c, product_jvp(y, dy, c, dc)
+        y, dy = mp_silu(y), mp_silu_jvp(y, dy)
         if self.training and self.dropout:
-            y = F.dropout(y, p=self.dropout)
-        y = self.conv_res1(y)
+            if dy is None:
+                y = F.dropout(y, p=self.dropout)
+            else:  # the tangent needs the primal's mask
+                y, keep = torch.native_dropout(y, self.dropout, True)
+                dy = dy * keep / (1 - self.dropout)
+        y, dy = self.conv_res1(y), linear_jvp(self.conv_res1, dy)
 
         if self.flavor == "dec" and self.conv_skip is not None:
-            x = self.conv_skip(x)
-        x = mp_sum(x, y, t=self.res_balance)
+            x, dx = self.conv_skip(x), linear_jvp(self.conv_skip, dx)
+        x, dx = mp_sum(x, y, t=self.res_balance), mp_sum_jvp(dx, dy, t=self.res_balance)
 
         if self.num_heads:
-            x = mp_sum(x, self._attention(x), t=self.attn_balance)
+            a, da = self._attention(x, dx)
+            x, dx = mp_sum(x, a, t=self.attn_balance), mp_sum_jvp(dx, da, t=self.attn_balance)
         if self.clip_act is not None:
-            x = x.clamp(-self.clip_act, self.clip_act)  # out of place: forward stays functional
-        return x
+            # out of place: forward stays functional
+            x, dx = x.clamp(-self.clip_act, self.clip_act), clamp_jvp(x, dx, self.clip_act)
+        return x, dx
 
-    def _attention(self, x: torch.Tensor) -> torch.Tensor:
+    def _attention(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, c, h, w = x.shape
         y = self.attn_qkv(x).reshape(n, self.num_heads, -1, 3, h * w)
-        q, k, v = normalize(y, dim=2).unbind(3)  # cosine attention: q, k, v on the unit sphere
-        attn = torch.einsum("nhcq,nhck->nhqk", q, k / math.sqrt(q.shape[2])).softmax(dim=3)
-        y = torch.einsum("nhqk,nhck->nhcq", attn, v)
-        return self.attn_proj(y.reshape(n, c, h, w))
+        # cosine attention: q, k, v on the unit sphere
+        q, k, v = normalize(y, dim=2).unbind(3)
+        scale = 1 / math.sqrt(q.shape[2])
+        attn = torch.einsum("nhcq,nhck->nhqk", q, k * scale).softmax(dim=3)
+        out = self.attn_proj(torch.einsum("nhqk,nhck->nhcq", attn, v).reshape(n, c, h, w))
+        if dx is None:
+            return out, None
+        dy = linear_jvp(self.attn_qkv, dx).reshape(y.shape)
+        with torch.no_grad():
+            dq, dk, dv = normalize_jvp(y, dy, dim=2).unbind(3)
+            dlogits = (torch.einsum("nhcq,nhck->nhqk", dq, k) + torch.einsum("nhcq,nhck->nhqk", q, dk)) * scale
+            dattn = attn * (dlogits - (attn * dlogits).sum(dim=3, keepdim=True))  # softmax tangent
+            dout = torch.einsum("nhqk,nhck->nhcq", dattn, v) + torch.einsum("nhqk,nhck->nhcq", attn, dv)
+        return out, linear_jvp(self.attn_proj, dout.reshape(n, c, h, w))
 
 
 class UNet(torch.nn.Module):
@@ -255,26 +367,52 @@ class UNet(torch.nn.Module):
 
     def time_embedding(self, t: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """Re-MeanFlow's embedding of the interval [r, t] on raw flow times."""
-        return mp_sum(self.emb_noise_t(self.emb_fourier(t)), self.emb_noise_r(self.emb_fourier(r)), t=0.5)
+        return self.time_embedding_jvp(t, r, None)[0]
+
+    def time_embedding_jvp(
+        self, t: torch.Tensor, r: torch.Tensor, dt: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`time_embedding` and its tangent for a tangent dt of t (r held fixed)."""
+        f, df = self.emb_fourier.jvp(t, dt)
+        emb_t, demb_t = self.emb_noise_t(f), linear_jvp(self.emb_noise_t, df)
+        emb_r = self.emb_noise_r(self.emb_fourier(r))
+        return mp_sum(emb_t, emb_r, t=0.5), mp_sum_jvp(demb_t, None, t=0.5)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
         """x: preconditioned input; emb: output of `teacher_embedding` or `time_embedding`;
         class_labels: one-hot rows [N, label_dim] (all-zero = null class)."""
+        return self.jvp(x, None, emb, None, class_labels)[0]
+
+    def jvp(
+        self,
+        x: torch.Tensor,
+        dx: torch.Tensor | None,
+        emb: torch.Tensor,
+        demb: torch.Tensor | None,
+        class_labels: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` and its tangent for tangents dx of x and demb of emb (labels are constant)."""
         if self.emb_label is not None:
             label_emb = self.emb_label(class_labels * math.sqrt(class_labels.shape[1]))
-            emb = mp_sum(emb, label_emb.to(emb.dtype), t=self.label_balance)
-        emb = mp_silu(emb).to(x.dtype)
+            emb, demb = mp_sum(emb, label_emb.to(emb.dtype), t=self.label_balance), mp_sum_jvp(demb, None, t=self.label_balance)
+        emb, demb = mp_silu(emb).to(x.dtype), mp_silu_jvp(emb, demb)
+        demb = demb.to(x.dtype) if demb is not None else None
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        dx = torch.cat([dx, torch.zeros_like(dx[:, :1])], dim=1) if dx is not None else None
         skips = []
         for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
-            skips.append(x)
+            if name.endswith("_conv"):
+                x, dx = block(x), linear_jvp(block, dx)
+            else:
+                x, dx = block.jvp(x, dx, emb, demb)
+            skips.append((x, dx))
         for name, block in self.dec.items():
             if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+                skip, dskip = skips.pop()
+                x, dx = mp_cat(x, skip, t=self.concat_balance), linear_jvp(mp_cat, dx, dskip, t=self.concat_balance)
+            x, dx = block.jvp(x, dx, emb, demb)
+        return self.out_conv(x, gain=self.out_gain), linear_jvp(self.out_conv, dx, gain=self.out_gain)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,16 +490,32 @@ class Precond(torch.nn.Module):
 
     def _edm(self, x: torch.Tensor, sigma: torch.Tensor, emb: torch.Tensor, class_labels) -> torch.Tensor:
         """D(x; sigma) = c_skip x + c_out F(c_in x) with the given noise embedding."""
+        return self._edm_jvp(x, None, sigma, None, emb, None, class_labels)[0]
+
+    def _edm_jvp(self, x, dx, sigma, dsigma, emb, demb, class_labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_edm` and its tangent for tangents dx, dsigma (per sample), demb (all three or none)."""
         x = x.to(_compute_dtype(x.dtype))
         sigma = sigma.to(x.dtype).reshape(-1, 1, 1, 1)
         sd2 = self.sigma_data**2
-        c_skip = sd2 / (sigma**2 + sd2)
-        c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
-        c_in = 1 / (sd2 + sigma**2).sqrt()
+        s2 = sigma**2 + sd2
+        c_skip = sd2 / s2
+        c_out = sigma * self.sigma_data / s2.sqrt()
+        c_in = 1 / s2.sqrt()
         labels = self.labels(class_labels, x.shape[0], x.device)
         labels = labels.to(x.dtype) if labels is not None else None
-        F_x = self.unet(c_in * x, emb, labels)
-        return c_skip * x + c_out * F_x.to(x.dtype)
+        if dx is None:
+            F_x = self.unet(c_in * x, emb, labels)
+            return c_skip * x + c_out * F_x.to(x.dtype), None
+        with torch.no_grad():
+            ds = dsigma.to(x.dtype).reshape(-1, 1, 1, 1)
+            dc_skip = -2 * sigma * sd2 / s2**2 * ds
+            dc_out = self.sigma_data * sd2 / s2**1.5 * ds
+            dc_in = -sigma / s2**1.5 * ds
+            dz = dc_in * x + c_in * dx.to(x.dtype)
+        F_x, dF_x = self.unet.jvp(c_in * x, dz, emb, demb, labels)
+        with torch.no_grad():
+            dD = dc_skip * x + c_skip * dx.to(x.dtype) + dc_out * F_x.to(x.dtype) + c_out * dF_x.to(x.dtype)
+        return c_skip * x + c_out * F_x.to(x.dtype), dD
 
     @staticmethod
     def _expand(v, x: torch.Tensor) -> torch.Tensor:
@@ -388,13 +542,31 @@ class Precond(torch.nn.Module):
         D = self.denoise(x_t / (1 - tb), t / (1 - t), class_labels)
         return (x_t - D) / tb
 
-    def forward(self, x_t: torch.Tensor, t, r, class_labels=None) -> torch.Tensor:
-        """MeanFlow average velocity u(x_t, t, r | c) over [r, t]."""
+    def forward(self, x_t: torch.Tensor, t, r, class_labels=None, v_hat: torch.Tensor | None = None):
+        """MeanFlow average velocity u(x_t, t, r | c) over [r, t].
+
+        With `v_hat`, returns (u, du/dt): u with its graph, and the total derivative of u along
+        (v_hat, 1, 0) -- dx_t/dt = v_hat, dt/dt = 1, r fixed (MeanFlow Eq. 8) -- without one.
+        Passing v_hat through `forward` (rather than a separate method) lets a DDP wrapper see the
+        call and synchronise the gradients of u.
+        """
         x_t = x_t.to(_compute_dtype(x_t.dtype))
         t, r = self._expand(t, x_t), self._expand(r, x_t)
         tb = t.reshape(-1, 1, 1, 1)
-        D = self._edm(x_t / (1 - tb), t / (1 - t), self.unet.time_embedding(t, r), class_labels)
-        return (x_t - D) / tb
+        x, sigma = x_t / (1 - tb), t / (1 - t)
+        if v_hat is None:
+            D = self._edm(x, sigma, self.unet.time_embedding(t, r), class_labels)
+            return (x_t - D) / tb
+        with torch.no_grad():
+            v_hat = v_hat.to(x_t.dtype)
+            dx = (v_hat + x) / (1 - tb)  # d/dt [x_t / (1 - t)]
+            dsigma = 1 / (1 - t) ** 2
+        emb, demb = self.unet.time_embedding_jvp(t, r, torch.ones_like(t))
+        D, dD = self._edm_jvp(x, dx, sigma, dsigma, emb, demb, class_labels)
+        u = (x_t - D) / tb
+        with torch.no_grad():
+            dudt = (v_hat - dD - u) / tb  # d/dt [(x_t - D) / t]
+        return u, dudt
 
 
 # ----------------------------------------------------------------------------------------------

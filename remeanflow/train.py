@@ -24,9 +24,10 @@ Processes. Built on `accelerate.Accelerator` (`make_accelerator`): a plain singl
 not launched; under `accelerate launch` with W processes `batch_size` is the GLOBAL batch (W must
 divide it) and each process draws batch_size / W couplings from its own share of the chunks
 (equal per-rank batches whatever truncation dropped, `loader`). The DDP-wrapped model is the
-`model_fn` of the loss, so backward all-reduces (averages) the gradients, and its unwrapped module
-the `tangent_fn` of the forward-mode JVP (DESIGN §3 "JVP": `torch.func.jvp` cannot go through
-DDP; calling the unwrapped module for u as well would silently skip the all-reduce). Equal
+`model_fn` of the loss, so backward all-reduces (averages) the gradients: jvp="tangent" passes
+v_hat through the wrapper's forward, and for jvp="forward" its unwrapped module is the
+`tangent_fn` of the forward-mode JVP (DESIGN §3 "JVP": `torch.func.jvp` cannot go through DDP;
+calling the unwrapped module for u as well would silently skip the all-reduce). Equal
 per-rank batches make the average of the per-rank mean losses the mean over the global batch,
 so W processes x B couplings take the same step as one process x W·B (`train_step`). Only the
 main process writes files (`_require_main`).
@@ -627,7 +628,7 @@ def train_meanflow(
     time_sampler: dict[str, Any] | None = None,
     p: float = 0.5,
     c: float = 1e-2,
-    jvp: str = "forward",
+    jvp: str = "tangent",
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 2,
     snapshot_every: int | None = None,

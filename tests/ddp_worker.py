@@ -5,9 +5,10 @@ or by the test itself as the processes of two simulated one-process nodes (RANK,
 LOCAL_RANK=0, MASTER_ADDR/PORT set as torchrun sets them on each node). SPEC keys:
 
 * record: folder for this rank's records, `rank<R>.json` (and `grads.rank<R>.pt`);
-* grads: {"init": net.pt, "batch": B} -- the gradient-synchronisation checks: one step through a
-  trainer whose model is the unwrapped module (the trap: no all-reduce), then the same step and a
-  second one through the real (DDP-wrapped) trainer, each rank on its slice of `global_inputs`;
+* grads: {"init": net.pt, "batch": B, "jvp": [modes]} -- the gradient-synchronisation checks, for
+  each JVP mode: one step through a trainer whose model is the unwrapped module (the trap: no
+  all-reduce), then the same step and a second one through the real (DDP-wrapped) trainer, each
+  rank on its slice of `global_inputs` (recorded in `grads.rank<R>.<mode>.pt`);
 * train: keyword arguments of `train.train_meanflow`, run after the grads checks;
 * audit: folders in which every file-system write of this process is recorded.
 
@@ -33,7 +34,7 @@ import torch
 # model too), no clipping (a clip would apply to each rank's own norm in the trap step).
 HYPER = dict(stage=2, batch_size=8, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, ema_decay=0.9,
              grad_clip=None, class_dropout=0.1, w_max=3.0, time_sampler={"ratio_r_neq_t": 0.5}, p=0.5, c=1e-2,
-             jvp="forward", seed=3)
+             jvp="tangent", seed=3)
 
 
 def global_inputs(step: int, n: int, shape=(2, 8, 8), num_classes: int = 4):
@@ -67,12 +68,19 @@ def parameters(trainer) -> dict[str, torch.Tensor]:
 
 
 def grads_checks(spec: dict, record: Path) -> None:
-    from remeanflow import checkpoints, train
+    from remeanflow import train
 
     acc = train.make_accelerator("no")
+    for jvp in spec.get("jvp", [HYPER["jvp"]]):
+        grads_check(acc, spec, jvp, record)
+
+
+def grads_check(acc, spec: dict, jvp: str, record: Path) -> None:
+    from remeanflow import checkpoints, train
+
     rank, batch = acc.process_index, spec["batch"]
     net = checkpoints.load_net(spec["init"])["net"]
-    trainer = train.build_trainer(acc, net, copy.deepcopy(net), train.hyperparameters(**HYPER))
+    trainer = train.build_trainer(acc, net, copy.deepcopy(net), train.hyperparameters(**{**HYPER, "jvp": jvp}))
     world = acc.num_processes
     mine = [rows(global_inputs(step, world * batch), rank * batch, (rank + 1) * batch) for step in (1, 2)]
 
@@ -89,7 +97,7 @@ def grads_checks(spec: dict, record: Path) -> None:
     out["grads"] = gradients(trainer)
     out["rows"].append(train.train_step(trainer, mine[1], 2))
     out["params"] = parameters(trainer)
-    torch.save(out, record / f"grads.rank{rank}.pt")
+    torch.save(out, record / f"grads.rank{rank}.{jvp}.pt")
 
 
 class WriteAudit:

@@ -60,10 +60,13 @@ def test_sdpa_attention_matches_edm2_attention(train_step):
     net = _net(train_step, "toy-16", 0, torch.float64)
     blocks = [m for m in net.modules() if isinstance(m, networks.Block) and m.num_heads]
     x = torch.randn(3, blocks[0].out_channels, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    plain = blocks[0]._attention(x)
+    plain, _ = blocks[0]._attention(x)
     assert accel.use_sdpa_attention(net) == len(blocks) > 0
-    fused = blocks[0]._attention(x)
+    fused, no_tangent = blocks[0]._attention(x)
+    assert no_tangent is None
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no tangent rule"):
+        blocks[0]._attention(x, torch.ones_like(x))
     assert accel.use_sdpa_attention(net, enable=False) == len(blocks)
     assert "_attention" not in vars(blocks[0])  # back to the class's einsum form
     # and through the whole net
@@ -213,18 +216,21 @@ def test_gpu_bench_fails_loudly_out_of_tolerance(tmp_path):
 def test_train_step_benchmark(tmp_path):
     out = tmp_path / "train_step.json"
     proc = _run("train_step.py", "--preset", "tiny", "--batch", "3", "--repeats", "1", "--stage", "2", "--threads", "1",
-                "--modes", "forward", "--compile", "--compile-backend", "eager", "--json", str(out))
+                "--modes", "tangent", "forward", "--compile", "--compile-backend", "eager", "--json", str(out))
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(out.read_text())
-    assert report["format"] == "remeanflow.train-step-bench/2" and report["passed"]
+    assert report["format"] == "remeanflow.train-step-bench/3" and report["passed"]
     (result,) = report["results"]
     runs = result["runs"]
-    assert result["stage"] == 2 and list(runs) == ["autograd", "forward"]
-    assert not runs["autograd"]["compiled"] and runs["forward"]["compiled"]
-    assert runs["autograd"]["speedup"] == 1.0 and runs["forward"]["speedup"] > 0
-    assert runs["forward"]["loss_ok"] and runs["forward"]["loss_rel_diff"] <= report["args"]["loss_rtol"]
-    assert runs["forward"]["w_pi"] == runs["autograd"]["w_pi"] > 1  # stage 2: one guidance scale for all modes
-    assert len(runs["forward"]["times_s"]) == 1 and runs["forward"]["threads"] == 1
+    assert result["stage"] == 2
+    assert list(runs) == ["autograd", "tangent", "forward", "tangent+compile", "forward+compile"]
+    assert [runs[name]["mode"] for name in runs] == ["autograd", "tangent", "forward", "tangent", "forward"]
+    assert [runs[name]["compiled"] for name in runs] == [False, False, False, True, True]
+    assert runs["autograd"]["speedup"] == 1.0
+    for name, run in runs.items():
+        assert run["speedup"] > 0 and run["loss_ok"] and run["loss_rel_diff"] <= report["args"]["loss_rtol"], name
+        assert run["w_pi"] == runs["autograd"]["w_pi"] > 1  # stage 2: one guidance scale for all modes
+        assert len(run["times_s"]) == 1 and run["threads"] == 1
 
 
 @pytest.mark.slow

@@ -40,6 +40,9 @@ pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("ddp_worker.py")
 REPO = Path(__file__).resolve().parent.parent
 PER_RANK = TRAIN_KW["batch_size"] // 2
+# The modes that can run under DDP: the net's own tangent pass (v_hat through the wrapper's
+# forward) and torch.func.jvp on the unwrapped module (u through the wrapper).
+DDP_JVP_MODES = ("tangent", "forward")
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +130,9 @@ def two_nodes(data, ddp_run):
     root = data["root"] / "two_nodes"
     kw = train_kw(data["manifest"], ddp_run["root"] / "out" / "train_state.pt", root, stage=2, iterations=2,
                   w_max=2.5, grad_clip=1.0, class_dropout=0.5)
-    two_node_launch(root, {"grads": {"init": str(data["teacher"]), "batch": PER_RANK}, "train": kw})
-    grads = [load(root / "record" / f"grads.rank{r}.pt") for r in range(2)]
+    spec = {"grads": {"init": str(data["teacher"]), "batch": PER_RANK, "jvp": list(DDP_JVP_MODES)}, "train": kw}
+    two_node_launch(root, spec)
+    grads = {jvp: [load(root / "record" / f"grads.rank{r}.{jvp}.pt") for r in range(2)] for jvp in DDP_JVP_MODES}
     return {"root": root, "kw": kw, "records": records(root), "grads": grads}
 
 
@@ -141,8 +145,9 @@ def max_abs_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def test_gradients_are_all_reduced_through_the_forward_mode_jvp_path(two_nodes):
-    g0, g1 = two_nodes["grads"]
+@pytest.mark.parametrize("jvp", DDP_JVP_MODES)
+def test_gradients_are_all_reduced_through_the_jvp_path(two_nodes, jvp):
+    g0, g1 = two_nodes["grads"][jvp]
     assert (g0["rank"], g1["rank"], g0["world"]) == (0, 1, 2)
     # The trap (u through the unwrapped module): each rank keeps its own gradient and the ranks'
     # weights drift apart after one step.
@@ -159,19 +164,20 @@ def test_gradients_are_all_reduced_through_the_forward_mode_jvp_path(two_nodes):
     assert max_abs_diff(g0["params"], g1["params"]) == 0
 
 
-def test_two_ranks_take_the_same_step_as_one_rank_with_the_whole_batch(two_nodes, data):
+@pytest.mark.parametrize("jvp", DDP_JVP_MODES)
+def test_two_ranks_take_the_same_step_as_one_rank_with_the_whole_batch(two_nodes, data, jvp):
     """Rank k of 2 trained on rows k*B:(k+1)*B of the batches `global_inputs` gives; one process
     trains on the whole batches with the same (t, r), labels and w_pi."""
     acc = train.make_accelerator("no")
     net = checkpoints.load_net(data["teacher"])["net"]
     ema = checkpoints.load_net(data["teacher"])["net"]
-    trainer = train.build_trainer(acc, net, ema, train.hyperparameters(**HYPER))
+    trainer = train.build_trainer(acc, net, ema, train.hyperparameters(**{**HYPER, "jvp": jvp}))
     ref_rows = [train.train_step(trainer, global_inputs(1, 2 * PER_RANK), 1)]
     ref_grads = {n: p.grad.clone() for n, p in trainer.net.named_parameters() if p.grad is not None}
     ref_rows.append(train.train_step(trainer, global_inputs(2, 2 * PER_RANK), 2))
     ref_params = {n: p.detach().clone() for n, p in trainer.net.named_parameters()}
 
-    for rank in two_nodes["grads"]:
+    for rank in two_nodes["grads"][jvp]:
         for name, g in ref_grads.items():
             torch.testing.assert_close(rank["grads"][name], g, rtol=1e-5, atol=1e-8, msg=name)
         # Adam moves a weight by up to ~lr per step (and the trap's ranks differ by that much):

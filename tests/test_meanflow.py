@@ -31,9 +31,15 @@ class SmoothNet(torch.nn.Module):
         self.b = torch.nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
         self.emb = torch.nn.Parameter(torch.randn(num_classes + 1, d, generator=g, dtype=torch.float64))
 
-    def forward(self, x_t, t, r, labels):
+    def forward(self, x_t, t, r, labels, v_hat=None):
         h = x_t.flatten(1) @ self.W * (1 + t[:, None] ** 2) + self.a * t[:, None] + self.b * r[:, None] ** 2
-        return torch.tanh(h + self.emb[labels + 1]).reshape(-1, *self.shape)  # label -1 -> row 0
+        u = torch.tanh(h + self.emb[labels + 1])  # label -1 -> row 0
+        if v_hat is None:
+            return u.reshape(-1, *self.shape)
+        with torch.no_grad():  # du/dt along (v_hat, 1, 0), by hand, for jvp="tangent"
+            dh = v_hat.flatten(1) @ self.W * (1 + t[:, None] ** 2) + x_t.flatten(1) @ self.W * (2 * t[:, None]) + self.a
+            dudt = (1 - u.square()) * dh
+        return u.reshape(-1, *self.shape), dudt.reshape(-1, *self.shape)
 
 
 def tiny_net(seed: int = 0) -> networks.Precond:
@@ -247,7 +253,7 @@ def test_jvp_modes_match_finite_difference_edm2():
     u_a, d_a = meanflow.jvp_t(net, x_t, t, r, labels, v_hat, "autograd")
     d_fd = fd_dudt(net, x_t, t, r, labels, v_hat, h=1e-5)
     assert rel_err(d_a, d_fd) < 1e-7
-    for mode in ["forward", "forward-fused"]:
+    for mode in ["tangent", "forward", "forward-fused"]:
         u_f, d_f = meanflow.jvp_t(net, x_t, t, r, labels, v_hat, mode)
         assert rel_err(u_f, u_a) < 1e-12, mode
         assert rel_err(d_f, d_a) < 1e-10, mode
@@ -349,7 +355,7 @@ def test_gradients_forward_vs_autograd_float64(w, w_pi):
     inp = loss_inputs(model.shape, 4, torch.float64)
     g_a = grads(model, **inp, w=w, w_pi=w_pi, jvp="autograd")
     assert set(g_a) == {name for name, _ in model.named_parameters()}
-    for mode in ["forward", "forward-fused"]:
+    for mode in ["tangent", "forward", "forward-fused"]:
         g_f = grads(model, **inp, w=w, w_pi=w_pi, jvp=mode)
         assert set(g_f) == set(g_a)
         for name in g_f:
@@ -366,7 +372,7 @@ def test_gradients_forward_vs_autograd_edm2():
     unused = {"unet.emb_noise.weight", "logvar_linear.weight"}
     expected = {name for name, _ in net.named_parameters()} - unused
     assert set(g_a) == expected
-    for mode in ["forward", "forward-fused"]:
+    for mode in ["tangent", "forward", "forward-fused"]:
         g_f = grads(net, **inp, jvp=mode)
         assert set(g_f) == expected
         for name in expected:
@@ -395,22 +401,28 @@ def test_model_fn_replaces_net():
     calls = []
 
     def recorder(tag):
-        def fn(x_t, t, r, labels):
+        def fn(x_t, t, r, labels, **kwargs):
             calls.append((tag, x_t.shape[0], torch.is_grad_enabled()))
-            return net(x_t, t, r, labels)
+            return net(x_t, t, r, labels, **kwargs)
 
         return fn
 
-    ref = meanflow.meanflow_loss(net, **inp, w=1.5, w_pi=2.5)
-    out = meanflow.meanflow_loss(None, **inp, w=1.5, w_pi=2.5, model_fn=recorder("model"))
+    ref = meanflow.meanflow_loss(net, **inp, w=1.5, w_pi=2.5, jvp="forward")
+    out = meanflow.meanflow_loss(None, **inp, w=1.5, w_pi=2.5, jvp="forward", model_fn=recorder("model"))
     assert torch.equal(ref, out)
     # No-grad CFG forward over the doubled batch, the no-grad tangent, then the forward for u.
     assert calls == [("model", 12, False), ("model", 6, False), ("model", 6, True)]
     calls.clear()
-    out = meanflow.meanflow_loss(None, **inp, w=1.5, w_pi=2.5, model_fn=recorder("model"),
+    out = meanflow.meanflow_loss(None, **inp, w=1.5, w_pi=2.5, jvp="forward", model_fn=recorder("model"),
                                  tangent_fn=recorder("tangent"))
     assert torch.equal(ref, out)
     assert calls == [("model", 12, False), ("tangent", 6, False), ("model", 6, True)]
+    # jvp="tangent" (the default): one call with gradient returns u and du/dt.
+    calls.clear()
+    ref = meanflow.meanflow_loss(net, **inp, w=1.5, w_pi=2.5)
+    out = meanflow.meanflow_loss(None, **inp, w=1.5, w_pi=2.5, model_fn=recorder("model"))
+    assert torch.equal(ref, out)
+    assert calls == [("model", 12, False), ("model", 6, True)]
 
 
 def test_bad_arguments():
