@@ -84,7 +84,7 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
 
 # Tangent rules of the primitives (see the module docstring). Each takes the primal input(s) and
 # their tangents (None = zero) and returns the output tangent (None when it is zero). Linear
-# primitives (MPConv, resample, mp_sum, mp_cat) are their own tangent maps.
+# primitives (resample, mp_sum, mp_cat, and MPConv with its `jvp`) are their own tangent maps.
 
 
 @torch.no_grad()
@@ -188,8 +188,21 @@ class MPConv(torch.nn.Module):
         self.weight.copy_(normalize(self.weight.to(_compute_dtype(self.weight.dtype))))
 
     def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
+        return self.jvp(x, None, gain)[0]
+
+    def jvp(self, x: torch.Tensor, dx: torch.Tensor | None, gain=1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Output and tangent; the layer is linear in x, so the tangent is the same map of dx
+        (with the normalised weight computed once for both)."""
         w = normalize(self.weight.to(_compute_dtype(self.weight.dtype)))
         w = (w * (gain / math.sqrt(w[0].numel()))).to(x.dtype)
+        if dx is None:
+            return self._conv(x, w), None
+        with torch.no_grad():
+            dy = self._conv(dx.to(x.dtype), w)
+        return self._conv(x, w), dy
+
+    @staticmethod
+    def _conv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
@@ -247,13 +260,13 @@ class Block(torch.nn.Module):
         x, dx = resample(x, self.resample_mode), linear_jvp(resample, dx, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                x, dx = self.conv_skip(x), linear_jvp(self.conv_skip, dx)
+                x, dx = self.conv_skip.jvp(x, dx)
             # pixel norm keeps encoder activations on the sphere
             x, dx = normalize(x, dim=1), normalize_jvp(x, dx, dim=1)
 
-        y, dy = self.conv_res0(mp_silu(x)), linear_jvp(self.conv_res0, mp_silu_jvp(x, dx))
-        c, dc = self.emb_linear(emb, gain=self.emb_gain) + 1, linear_jvp(self.emb_linear, demb, gain=self.emb_gain)
-        c = c[:, :, None, None].to(y.dtype)
+        y, dy = self.conv_res0.jvp(mp_silu(x), mp_silu_jvp(x, dx))
+        c, dc = self.emb_linear.jvp(emb, demb, gain=self.emb_gain)
+        c = (c + 1)[:, :, None, None].to(y.dtype)
         dc = dc[:, :, None, None].to(y.dtype) if dc is not None else None
         y, dy = y * c, product_jvp(y, dy, c, dc)
         y, dy = mp_silu(y), mp_silu_jvp(y, dy)
@@ -263,10 +276,10 @@ class Block(torch.nn.Module):
             else:  # the tangent needs the primal's mask
                 y, keep = torch.native_dropout(y, self.dropout, True)
                 dy = dy * keep / (1 - self.dropout)
-        y, dy = self.conv_res1(y), linear_jvp(self.conv_res1, dy)
+        y, dy = self.conv_res1.jvp(y, dy)
 
         if self.flavor == "dec" and self.conv_skip is not None:
-            x, dx = self.conv_skip(x), linear_jvp(self.conv_skip, dx)
+            x, dx = self.conv_skip.jvp(x, dx)
         x, dx = mp_sum(x, y, t=self.res_balance), mp_sum_jvp(dx, dy, t=self.res_balance)
 
         if self.num_heads:
@@ -279,21 +292,21 @@ class Block(torch.nn.Module):
 
     def _attention(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, c, h, w = x.shape
-        y = self.attn_qkv(x).reshape(n, self.num_heads, -1, 3, h * w)
+        y, dy = self.attn_qkv.jvp(x, dx)
+        y = y.reshape(n, self.num_heads, -1, 3, h * w)
         # cosine attention: q, k, v on the unit sphere
         q, k, v = normalize(y, dim=2).unbind(3)
         scale = 1 / math.sqrt(q.shape[2])
         attn = torch.einsum("nhcq,nhck->nhqk", q, k * scale).softmax(dim=3)
-        out = self.attn_proj(torch.einsum("nhqk,nhck->nhcq", attn, v).reshape(n, c, h, w))
-        if dx is None:
-            return out, None
-        dy = linear_jvp(self.attn_qkv, dx).reshape(y.shape)
+        out = torch.einsum("nhqk,nhck->nhcq", attn, v).reshape(n, c, h, w)
+        if dy is None:
+            return self.attn_proj(out), None
         with torch.no_grad():
-            dq, dk, dv = normalize_jvp(y, dy, dim=2).unbind(3)
+            dq, dk, dv = normalize_jvp(y, dy.reshape(y.shape), dim=2).unbind(3)
             dlogits = (torch.einsum("nhcq,nhck->nhqk", dq, k) + torch.einsum("nhcq,nhck->nhqk", q, dk)) * scale
             dattn = attn * (dlogits - (attn * dlogits).sum(dim=3, keepdim=True))  # softmax tangent
             dout = torch.einsum("nhqk,nhck->nhcq", dattn, v) + torch.einsum("nhqk,nhck->nhcq", attn, dv)
-        return out, linear_jvp(self.attn_proj, dout.reshape(n, c, h, w))
+        return self.attn_proj.jvp(out, dout.reshape(n, c, h, w))
 
 
 class UNet(torch.nn.Module):
@@ -374,7 +387,7 @@ class UNet(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`time_embedding` and its tangent for a tangent dt of t (r held fixed)."""
         f, df = self.emb_fourier.jvp(t, dt)
-        emb_t, demb_t = self.emb_noise_t(f), linear_jvp(self.emb_noise_t, df)
+        emb_t, demb_t = self.emb_noise_t.jvp(f, df)
         emb_r = self.emb_noise_r(self.emb_fourier(r))
         return mp_sum(emb_t, emb_r, t=0.5), mp_sum_jvp(demb_t, None, t=0.5)
 
@@ -402,17 +415,14 @@ class UNet(torch.nn.Module):
         dx = torch.cat([dx, torch.zeros_like(dx[:, :1])], dim=1) if dx is not None else None
         skips = []
         for name, block in self.enc.items():
-            if name.endswith("_conv"):
-                x, dx = block(x), linear_jvp(block, dx)
-            else:
-                x, dx = block.jvp(x, dx, emb, demb)
+            x, dx = block.jvp(x, dx) if name.endswith("_conv") else block.jvp(x, dx, emb, demb)
             skips.append((x, dx))
         for name, block in self.dec.items():
             if "block" in name:
                 skip, dskip = skips.pop()
                 x, dx = mp_cat(x, skip, t=self.concat_balance), linear_jvp(mp_cat, dx, dskip, t=self.concat_balance)
             x, dx = block.jvp(x, dx, emb, demb)
-        return self.out_conv(x, gain=self.out_gain), linear_jvp(self.out_conv, dx, gain=self.out_gain)
+        return self.out_conv.jvp(x, dx, gain=self.out_gain)
 
 
 # ----------------------------------------------------------------------------------------------
