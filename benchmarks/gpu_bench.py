@@ -8,8 +8,8 @@
     of each net, times the evaluations) and the fraction of the chip's dense bf16 peak.
 (b) Training step, stage 1 and stage 2, batch 16 and 64: time and peak memory
     (torch.cuda.max_memory_allocated over the timed steps). Reference: `jvp="autograd"` (the
-    official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: forward-mode
-    JVP, bf16 autocast, channels_last, the loss compiled as one graph (`accel.meanflow_loss_fn`),
+    official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: the net's
+    own tangent pass (`jvp="tangent"`; `--fast-jvp forward` for torch.func.jvp), bf16 autocast, channels_last, the loss compiled as one graph (`accel.meanflow_loss_fn`),
     fused Adam.
 
 The nets are random EDM2 nets with non-zero gains (`train_step.nonzero_gains_`); both paths of a
@@ -243,11 +243,11 @@ def train_path(fast: bool, args: argparse.Namespace, init_state: dict, inputs: d
     net.load_state_dict(init_state)
     params = train._prepare_for_training(net)
     if fast:
-        loss_fn = accel.meanflow_loss_fn(net, jvp="forward", precision=args.fast_precision,
+        loss_fn = accel.meanflow_loss_fn(net, jvp=args.fast_jvp, precision=args.fast_precision,
                                          use_channels_last=args.channels_last, backend=args.compile_backend,
                                          mode=args.compile_mode)
         fused = device.type == "cuda"
-        settings = dict(jvp="forward", precision=args.fast_precision, compile=args.compile_backend,
+        settings = dict(jvp=args.fast_jvp, precision=args.fast_precision, compile=args.compile_backend,
                         channels_last=args.channels_last, adam="fused" if fused else "default (fused Adam needs CUDA)")
     else:
         loss_fn = accel.meanflow_loss_fn(net, jvp="autograd", precision=args.train_reference_precision)
@@ -380,6 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-reference-precision", dest="train_reference_precision",
                         choices=sorted(accel.PRECISIONS))
     parser.add_argument("--fast-precision", dest="fast_precision", choices=sorted(accel.PRECISIONS), default="bf16")
+    parser.add_argument("--fast-jvp", dest="fast_jvp", choices=["tangent", "forward", "forward-fused"], default="tangent",
+                        help="JVP mode of the fast training path (meanflow.jvp_t)")
     parser.add_argument("--compile-backend", dest="compile_backend", default=None,
                         help="torch.compile backend of the fast paths; 'none' disables compilation")
     parser.add_argument("--compile-mode", dest="compile_mode", default=None)

@@ -10,14 +10,15 @@ reference before it reports a speed. The coupling job and the training loop opt 
   cores and cuDNN's NHWC kernels; no effect on results beyond rounding).
 * `use_sdpa_attention`: EDM2's cosine attention through `F.scaled_dot_product_attention`
   (flash / memory-efficient kernels) instead of two einsums and a materialised softmax.
-  Inference only: forward-mode AD (the MeanFlow tangent) has no rule for the fused kernels.
+  Inference only: the MeanFlow tangent (the net's own rules or forward-mode AD) does not go
+  through the fused kernels.
 * `compile_fn`: `torch.compile` with this project's defaults (full graph, static shapes).
 * `CudaGraphCall`: capture a fixed-shape function once, replay it (no per-kernel launch cost).
 * `FastDenoiser` + `fast_edm_heun`: the autoguided EDM Heun sampler (`sampling.edm_heun`) with
   all of the above around one fused `D_guide + w (D_main - D_guide)` function.
 * `meanflow_loss_fn`: the MeanFlow loss (`meanflow.meanflow_loss_terms`) under autocast and
-  optionally compiled as one graph (forward-mode tangent + forward with gradient; AOTAutograd
-  compiles the backward too).
+  optionally compiled as one graph (u with its tangent; AOTAutograd compiles the backward too);
+  the training loop's loss (`train.Trainer.loss_fn`).
 * `forward_flops`: FLOPs of one denoiser forward from torch's FLOP counter (for MFU figures).
 """
 
@@ -122,6 +123,13 @@ def use_sdpa_attention(net: torch.nn.Module, enable: bool = True) -> int:
 # Compilation and CUDA graphs.
 
 
+def check_backend(backend: str) -> str:
+    """A torch.compile backend name, or a clear error listing the known ones."""
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"unknown torch.compile backend {backend!r}; known: {torch._dynamo.list_backends()}")
+    return backend
+
+
 def compile_fn(
     fn: Callable,
     backend: str | None = "inductor",
@@ -140,8 +148,7 @@ def compile_fn(
     """
     if backend is None:
         return fn
-    if backend not in torch._dynamo.list_backends(exclude_tags=()):
-        raise ValueError(f"unknown torch.compile backend {backend!r}; known: {torch._dynamo.list_backends()}")
+    check_backend(backend)
     kwargs: dict[str, Any] = dict(backend=backend, fullgraph=fullgraph, dynamic=dynamic)
     if mode is not None:
         kwargs["mode"] = mode
@@ -285,15 +292,11 @@ def meanflow_loss_fn(
 
     Returns `loss_fn(x, noise, labels, t, r, *, w=1.0, w_pi=1.0, p=0.5, c=1e-2) -> MeanFlowTerms`
     with the same arguments and results as the eager loss. Class indices are converted to
-    one-hot rows outside the graph. Under torch.compile the forward-mode tangent (no grad) and
-    the forward with gradient become one graph and AOTAutograd compiles the backward.
+    one-hot rows outside the graph. Under torch.compile the tangent (no grad) and the forward
+    with gradient become one graph and AOTAutograd compiles the backward.
 
-    Limitation of the compiled stage 2: `meanflow_loss_terms` branches in Python on
-    `w == 1.0 and w_pi == 1.0`, so dynamo specialises the graph on the exact values of w and
-    w_pi and every new guidance scale compiles a new graph. Fine for a benchmark (one w_pi per
-    run), not for training, which draws w_pi every step: that needs `meanflow_loss_terms` to
-    take w and w_pi as tensors (graph inputs) without comparing their values. Stage 1
-    (w = w_pi = 1) compiles once.
+    Guidance scales other than w = w_pi = 1 enter the graph as 0-dim tensors (`meanflow.guided`):
+    stage 1 compiles one graph and stage 2 another, whatever w' each step draws.
 
     jvp="autograd" (the official double-backward reference) cannot be compiled: torch.compile
     does not capture `torch.autograd.functional.jvp(create_graph=True)`.
@@ -323,7 +326,11 @@ def meanflow_loss_fn(
                 c: float = 1e-2) -> meanflow.MeanFlowTerms:
         if labels is not None and not labels.dtype.is_floating_point:
             labels = networks.one_hot(labels, net.label_dim)
-        loss, e, mse = compiled(x, noise, labels, t, r, float(w), float(w_pi), float(p), float(c))
+        if meanflow.guided(w, w_pi):  # graph inputs, not constants: no recompilation per w'
+            w, w_pi = (torch.as_tensor(s, dtype=torch.float64, device=x.device) for s in (w, w_pi))
+        else:
+            w, w_pi = 1.0, 1.0
+        loss, e, mse = compiled(x, noise, labels, t, r, w, w_pi, float(p), float(c))
         return meanflow.MeanFlowTerms(loss=loss, e=e, mse=mse)
 
     return loss_fn

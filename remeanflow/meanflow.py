@@ -194,6 +194,15 @@ def cfg_target(
     return torch.where(_per_sample(null, v), v, v_hat)
 
 
+def guided(w: float | torch.Tensor, w_pi: float | torch.Tensor) -> bool:
+    """Whether the loss uses the CFG target: w, w_pi other than 1, or given as tensors. A tensor
+    is never compared by value, so that a compiled loss takes the guidance scale as a graph input
+    instead of specialising (and recompiling) on every w' drawn in stage 2."""
+    if isinstance(w, torch.Tensor) or isinstance(w_pi, torch.Tensor):
+        return True
+    return not (w == 1.0 and w_pi == 1.0)
+
+
 JVP_MODES = ("tangent", "forward", "forward-fused", "autograd")
 
 
@@ -275,7 +284,7 @@ def meanflow_loss_terms(
     x_t = (1 - t_) * x + t_ * noise
     v = noise - x
 
-    if w == 1.0 and w_pi == 1.0:
+    if not guided(w, w_pi):
         v_hat = v  # stage 1: no guidance
     elif labels is None:
         raise ValueError("a CFG target (w, w_pi != 1) needs class labels")

@@ -52,6 +52,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -69,11 +70,11 @@ import tqdm
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
-from . import checkpoints, networks
+from . import accel, checkpoints, networks
 from .couplings import CouplingReader, _diff_keys, _require_int, open_couplings
 from .fileio import atomic_path, json_sha256, sha256_file
 from .loader import CouplingStream, check_fingerprint_subset, first_unstarted_epoch, keyed_seed
-from .meanflow import JVP_MODES, cfg_weights, drop_labels, meanflow_loss_terms, sample_t_r
+from .meanflow import JVP_MODES, cfg_weights, drop_labels, sample_t_r
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def hyperparameters(
     c: float,
     jvp: str,
     seed: int,
+    compile: str | None = None,
 ) -> dict[str, Any]:
     """The checked settings of the optimisation itself (see `train_meanflow`), as plain JSON
     values: what `build_trainer`, `draw_step` and `train_step` read."""
@@ -290,10 +292,15 @@ def hyperparameters(
         raise ValueError(f"time_sampler: unknown keys {sorted(unknown)}; known: {sorted(_time_sampler_keys())}")
     if jvp not in JVP_MODES:
         raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
+    if compile is not None:
+        accel.check_backend(compile)
+        if jvp == "autograd":
+            raise ValueError("compile: jvp='autograd' (double backward) cannot be captured by torch.compile; "
+                             "use another jvp mode or compile: null")
     return json.loads(json.dumps(dict(
         stage=stage, batch_size=batch_size, lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, class_dropout=class_dropout, w_max=w_max,
-        time_sampler=dict(time_sampler), p=p, c=c, jvp=jvp, seed=seed,
+        time_sampler=dict(time_sampler), p=p, c=c, jvp=jvp, seed=seed, compile=compile,
     )))
 
 
@@ -480,6 +487,15 @@ class Trainer:
     params: list[torch.nn.Parameter]
     config: dict[str, Any]  # `hyperparameters` (plus anything else of the run)
 
+    @functools.cached_property
+    def loss_fn(self):
+        """The MeanFlow loss of this trainer (`accel.meanflow_loss_fn`): u through `model` (DDP
+        all-reduces its gradient), the torch.func.jvp tangent of jvp="forward" through the
+        unwrapped `net`, compiled with the `compile` backend (None: eager). Built on first use,
+        from this trainer's own fields (a `dataclasses.replace` copy builds its own)."""
+        return accel.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config.get("compile"),
+                                      model_fn=self.model, tangent_fn=self.net)
+
 
 def build_trainer(accelerator: Accelerator, net: networks.Precond, ema: networks.Precond,
                   config: dict[str, Any]) -> Trainer:
@@ -507,12 +523,9 @@ def train_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = 
     trainer.net.normalize_weights_()  # forced weight normalisation (EDM2 Eq. 47), outside the forward
     # Mixed precision: `accelerator.prepare` made the net's own forward autocast with float32
     # outputs, so both the wrapped model and its module run in bf16 while the loss arithmetic
-    # (x_t, targets, adaptive weight) stays in float32. u goes through the wrapped model (DDP
-    # all-reduces its gradient), the graph-free tangent through the module (module docstring).
-    terms = meanflow_loss_terms(
-        None, inputs.x, inputs.noise, inputs.labels, inputs.t, inputs.r, w=w, w_pi=inputs.w_pi,
-        model_fn=trainer.model, tangent_fn=trainer.net, p=cfg["p"], c=cfg["c"], jvp=cfg["jvp"],
-    )
+    # (x_t, targets, adaptive weight) stays in float32 (`Trainer.loss_fn` adds no autocast).
+    terms = trainer.loss_fn(inputs.x, inputs.noise, inputs.labels, inputs.t, inputs.r, w=w, w_pi=inputs.w_pi,
+                            p=cfg["p"], c=cfg["c"])
     loss = terms.loss * float("nan") if fail else terms.loss
 
     # One collective for everything logged; every process sees the same values and so takes the
@@ -629,6 +642,7 @@ def train_meanflow(
     p: float = 0.5,
     c: float = 1e-2,
     jvp: str = "tangent",
+    compile: str | None = None,
     checkpoint_every: int = 1000,
     keep_checkpoints: int = 2,
     snapshot_every: int | None = None,
@@ -645,7 +659,10 @@ def train_meanflow(
     manifest: coupling manifest (`couplings.merge_shards`). init: stage 1, a `checkpoints.save_net`
     file; stage 2, stage 1's `out_dir/train_state.pt`. batch_size: the global batch. time_sampler:
     keyword arguments of `meanflow.sample_t_r` (a, p_mean, p_std, high_t, high_r, ratio_r_neq_t,
-    ...). p, c: adaptive loss weight; jvp: `meanflow.jvp_t` mode. grad_clip: max gradient norm
+    ...). p, c: adaptive loss weight; jvp: `meanflow.jvp_t` mode. compile: torch.compile backend
+    of the loss ("inductor"; None: eager), forward, tangent and backward as graphs; the first step
+    compiles, and compiled steps round differently from eager ones, so it is part of the
+    configuration hash. grad_clip: max gradient norm
     (paper: stage 2 1.0, stage 1 None). mixed_precision "auto": bf16 on CUDA, none on the CPU.
     expected_fingerprint: keys the couplings' fingerprint must have (e.g. the teacher checksum).
 
@@ -679,7 +696,7 @@ def train_meanflow(
     hyper = hyperparameters(
         stage=stage, batch_size=batch_size, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, class_dropout=class_dropout, w_max=w_max,
-        time_sampler=dict(time_sampler or {}), p=p, c=c, jvp=jvp, seed=seed,
+        time_sampler=dict(time_sampler or {}), p=p, c=c, jvp=jvp, seed=seed, compile=compile,
     )
     _check_layout(hyper, world)
     for name, value in (("iterations", iterations), ("checkpoint_every", checkpoint_every),

@@ -55,6 +55,7 @@ rule train_stage1:
         processes=config["train"]["processes"],
         code=code(
             "train",
+            "accel",
             "loader",
             "meanflow",
             "networks",
@@ -94,6 +95,7 @@ rule train_stage2:
         processes=config["train"]["processes"],
         code=code(
             "train",
+            "accel",
             "loader",
             "meanflow",
             "networks",

@@ -102,7 +102,7 @@ def test_fast_sampler_matches_edm_heun(train_step):
         denoiser.denoise(noise, torch.ones(3), labels)
 
 
-@pytest.mark.parametrize("jvp", ["forward", "autograd"])
+@pytest.mark.parametrize("jvp", ["tangent", "forward", "autograd"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_loss_fn_is_the_eager_loss(train_step, jvp, stage):
     net = _net(train_step, "tiny", 0).train()
@@ -111,6 +111,23 @@ def test_loss_fn_is_the_eager_loss(train_step, jvp, stage):
     out = accel.meanflow_loss_fn(net, jvp=jvp)(**inputs, **guidance)
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.e, ref.e)
     assert out.loss.requires_grad
+
+
+def test_compiled_stage2_loss_takes_the_guidance_scale_as_an_input(train_step):
+    # Stage 2 draws w' every step: a graph specialised on its value would recompile every step.
+    net = _net(train_step, "tiny", 0).train()
+    loss_fn = accel.meanflow_loss_fn(net, backend="eager")
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    for seed, w_max in [(3, 2.5), (4, 3.0), (5, 4.0)]:
+        inputs, guidance = train_step.make_batch(net, 4, 2, seed=seed, w_max=w_max, device="cpu")
+        ref = meanflow.meanflow_loss_terms(net, **inputs, **guidance)
+        torch.testing.assert_close(loss_fn(**inputs, **guidance).loss, ref.loss, rtol=1e-6, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    inputs, _ = train_step.make_batch(net, 4, 1, seed=6, w_max=2.0, device="cpu")
+    torch.testing.assert_close(loss_fn(**inputs).loss, meanflow.meanflow_loss_terms(net, **inputs).loss,
+                               rtol=1e-6, atol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2  # stage 1: its own graph, once
 
 
 def test_loss_fn_rejects_what_cannot_work(train_step):
@@ -191,7 +208,7 @@ def test_gpu_bench_smoke(tmp_path):
     train = report["train"]
     assert sorted((e["stage"], e["batch"]) for e in train) == [(1, 2), (1, 4), (2, 2), (2, 4)]
     for entry in train:
-        assert entry["reference"]["jvp"] == "autograd" and entry["fast"]["jvp"] == "forward"
+        assert entry["reference"]["jvp"] == "autograd" and entry["fast"]["jvp"] == "tangent"
         assert entry["fast"]["compile"] == "eager" and entry["fast"]["precision"] == "bf16"
         assert len(entry["fast"]["times_s"]) == 2 and entry["speedup"] > 0
         assert 0 < entry["loss_rel_diff"] <= report["settings"]["loss_rtol"]

@@ -284,6 +284,26 @@ def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
     assert moved(unclipped) > 1e-4 and moved(clipped) < 1e-3 * moved(unclipped)
 
 
+def test_compiled_loss_takes_the_same_steps(data, stage1, tmp_path):
+    # Stage 2 draws a new w' every step; the compiled loss must neither recompile for each one
+    # nor change the trajectory. The "eager" backend captures the same graphs as inductor but
+    # runs them op by op, so the steps agree with the eager loop to rounding.
+    init = stage1["root"] / "out" / "train_state.pt"
+    kw = run_kw(data, tmp_path / "eager", stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1.0)
+    train.train_meanflow(**kw)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    train.train_meanflow(**dict(kw, out_dir=tmp_path / "compiled" / "out", work_dir=tmp_path / "compiled" / "work",
+                                compile="eager"))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    eager, compiled = (pd.read_csv(tmp_path / run / "out" / "metrics.csv") for run in ("eager", "compiled"))
+    assert compiled["w_pi"].nunique() == 4 and compiled["w_pi"].tolist() == eager["w_pi"].tolist()
+    for column in ("loss", "grad_norm"):
+        np.testing.assert_allclose(compiled[column], eager[column], rtol=1e-5, err_msg=column)
+    a, b = (load_state(tmp_path / run / "out" / "train_state.pt")["config"] for run in ("eager", "compiled"))
+    assert (a["compile"], b["compile"]) == (None, "eager")  # part of the configuration (and its hash)
+
+
 def test_stage2_starts_from_stage1_model_and_ema(stage1):
     state = load_state(stage1["root"] / "out" / "train_state.pt")
     start = train._load_start(stage1["root"] / "out" / "train_state.pt", stage=2)
@@ -300,6 +320,10 @@ def test_bad_arguments_fail_before_training(data, tmp_path):
         train.train_meanflow(**run_kw(data, tmp_path, stage=2))
     with pytest.raises(ValueError, match=r"time_sampler: unknown keys \['ratio'\]"):
         train.train_meanflow(**dict(run_kw(data, tmp_path), time_sampler={"ratio": 0.5}))
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'inductr'"):
+        train.train_meanflow(**run_kw(data, tmp_path, compile="inductr"))
+    with pytest.raises(ValueError, match="jvp='autograd' .* cannot be captured"):
+        train.train_meanflow(**run_kw(data, tmp_path, compile="inductor", jvp="autograd"))
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         train.train_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
