@@ -82,6 +82,20 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
     raise ValueError(f"resample mode must be 'keep', 'down' or 'up', got {mode!r}")
 
 
+# The tangent arguments of the modules' forward default to PLAIN: a plain call returns the output
+# alone. Passing a tangent (None = zero) returns (output, tangent). Either way the call goes through
+# nn.Module.__call__, so hooks (and wrappers such as FSDP) see every submodule call.
+PLAIN = object()
+
+
+def call_jvp(module: torch.nn.Module, *args, dx=None, demb=None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(output, tangent) of `module(*args, **kwargs)`: a plain call when no tangent flows (dx and
+    demb None; a hook then sees the plain output), otherwise the call with its tangents."""
+    if dx is None and demb is None:
+        return module(*args, **kwargs), None
+    return module(*args, dx=dx, **kwargs) if demb is None else module(*args, dx=dx, demb=demb, **kwargs)
+
+
 # Tangent rules of the primitives (see the module docstring). Each takes the primal input(s) and
 # their tangents (None = zero) and returns the output tangent (None when it is zero). Linear
 # primitives (resample, mp_sum, mp_cat, and MPConv with its `jvp`) are their own tangent maps.
@@ -157,8 +171,8 @@ class MPFourier(torch.nn.Module):
         self.register_buffer("freqs", 2 * np.pi * torch.randn(num_channels) * bandwidth)
         self.register_buffer("phases", 2 * np.pi * torch.rand(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.jvp(x, None)[0]
+    def forward(self, x: torch.Tensor, dx=PLAIN):
+        return self.jvp(x, None)[0] if dx is PLAIN else self.jvp(x, dx)
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Features and their tangent -sin(2pi f x + phi)·sqrt(2)·2pi f dx."""
@@ -187,8 +201,8 @@ class MPConv(torch.nn.Module):
         unit-RMS sphere so that the effective learning rate stays constant."""
         self.weight.copy_(normalize(self.weight.to(_compute_dtype(self.weight.dtype))))
 
-    def forward(self, x: torch.Tensor, gain=1.0) -> torch.Tensor:
-        return self.jvp(x, None, gain)[0]
+    def forward(self, x: torch.Tensor, gain=1.0, dx=PLAIN):
+        return self.jvp(x, None, gain)[0] if dx is PLAIN else self.jvp(x, dx, gain)
 
     def jvp(self, x: torch.Tensor, dx: torch.Tensor | None, gain=1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Output and tangent; the layer is linear in x, so the tangent is the same map of dx
@@ -250,8 +264,8 @@ class Block(torch.nn.Module):
         self.attn_qkv = MPConv(out_channels, out_channels * 3, (1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.jvp(x, None, emb, None)[0]
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, dx=PLAIN, demb: torch.Tensor | None = None):
+        return self.jvp(x, None, emb, None)[0] if dx is PLAIN else self.jvp(x, dx, emb, demb)
 
     def jvp(
         self, x: torch.Tensor, dx: torch.Tensor | None, emb: torch.Tensor, demb: torch.Tensor | None
@@ -260,12 +274,12 @@ class Block(torch.nn.Module):
         x, dx = resample(x, self.resample_mode), linear_jvp(resample, dx, self.resample_mode)
         if self.flavor == "enc":
             if self.conv_skip is not None:
-                x, dx = self.conv_skip.jvp(x, dx)
+                x, dx = call_jvp(self.conv_skip, x, dx=dx)
             # pixel norm keeps encoder activations on the sphere
             x, dx = normalize(x, dim=1), normalize_jvp(x, dx, dim=1)
 
-        y, dy = self.conv_res0.jvp(mp_silu(x), mp_silu_jvp(x, dx))
-        c, dc = self.emb_linear.jvp(emb, demb, gain=self.emb_gain)
+        y, dy = call_jvp(self.conv_res0, mp_silu(x), dx=mp_silu_jvp(x, dx))
+        c, dc = call_jvp(self.emb_linear, emb, gain=self.emb_gain, dx=demb)
         c = (c + 1)[:, :, None, None].to(y.dtype)
         dc = dc[:, :, None, None].to(y.dtype) if dc is not None else None
         y, dy = y * c, product_jvp(y, dy, c, dc)
@@ -276,10 +290,10 @@ class Block(torch.nn.Module):
             else:  # the tangent needs the primal's mask
                 y, keep = torch.native_dropout(y, self.dropout, True)
                 dy = dy * keep / (1 - self.dropout)
-        y, dy = self.conv_res1.jvp(y, dy)
+        y, dy = call_jvp(self.conv_res1, y, dx=dy)
 
         if self.flavor == "dec" and self.conv_skip is not None:
-            x, dx = self.conv_skip.jvp(x, dx)
+            x, dx = call_jvp(self.conv_skip, x, dx=dx)
         x, dx = mp_sum(x, y, t=self.res_balance), mp_sum_jvp(dx, dy, t=self.res_balance)
 
         if self.num_heads:
@@ -292,7 +306,7 @@ class Block(torch.nn.Module):
 
     def _attention(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, c, h, w = x.shape
-        y, dy = self.attn_qkv.jvp(x, dx)
+        y, dy = call_jvp(self.attn_qkv, x, dx=dx)
         y = y.reshape(n, self.num_heads, -1, 3, h * w)
         # cosine attention: q, k, v on the unit sphere
         q, k, v = normalize(y, dim=2).unbind(3)
@@ -306,7 +320,7 @@ class Block(torch.nn.Module):
             dlogits = (torch.einsum("nhcq,nhck->nhqk", dq, k) + torch.einsum("nhcq,nhck->nhqk", q, dk)) * scale
             dattn = attn * (dlogits - (attn * dlogits).sum(dim=3, keepdim=True))  # softmax tangent
             dout = torch.einsum("nhqk,nhck->nhcq", dattn, v) + torch.einsum("nhqk,nhck->nhcq", attn, dv)
-        return self.attn_proj.jvp(out, dout.reshape(n, c, h, w))
+        return self.attn_proj(out, dx=dout.reshape(n, c, h, w))
 
 
 class UNet(torch.nn.Module):
@@ -386,15 +400,18 @@ class UNet(torch.nn.Module):
         self, t: torch.Tensor, r: torch.Tensor, dt: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`time_embedding` and its tangent for a tangent dt of t (r held fixed)."""
-        f, df = self.emb_fourier.jvp(t, dt)
-        emb_t, demb_t = self.emb_noise_t.jvp(f, df)
+        f, df = call_jvp(self.emb_fourier, t, dx=dt)
+        emb_t, demb_t = call_jvp(self.emb_noise_t, f, dx=df)
         emb_r = self.emb_noise_r(self.emb_fourier(r))
         return mp_sum(emb_t, emb_r, t=0.5), mp_sum_jvp(demb_t, None, t=0.5)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, class_labels: torch.Tensor | None, dx=PLAIN,
+                demb: torch.Tensor | None = None):
         """x: preconditioned input; emb: output of `teacher_embedding` or `time_embedding`;
         class_labels: one-hot rows [N, label_dim] (all-zero = null class)."""
-        return self.jvp(x, None, emb, None, class_labels)[0]
+        if dx is PLAIN:
+            return self.jvp(x, None, emb, None, class_labels)[0]
+        return self.jvp(x, dx, emb, demb, class_labels)
 
     def jvp(
         self,
@@ -415,14 +432,14 @@ class UNet(torch.nn.Module):
         dx = torch.cat([dx, torch.zeros_like(dx[:, :1])], dim=1) if dx is not None else None
         skips = []
         for name, block in self.enc.items():
-            x, dx = block.jvp(x, dx) if name.endswith("_conv") else block.jvp(x, dx, emb, demb)
+            x, dx = call_jvp(block, x, dx=dx) if name.endswith("_conv") else call_jvp(block, x, emb, dx=dx, demb=demb)
             skips.append((x, dx))
         for name, block in self.dec.items():
             if "block" in name:
                 skip, dskip = skips.pop()
                 x, dx = mp_cat(x, skip, t=self.concat_balance), linear_jvp(mp_cat, dx, dskip, t=self.concat_balance)
-            x, dx = block.jvp(x, dx, emb, demb)
-        return self.out_conv.jvp(x, dx, gain=self.out_gain)
+            x, dx = call_jvp(block, x, emb, dx=dx, demb=demb)
+        return call_jvp(self.out_conv, x, gain=self.out_gain, dx=dx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,19 +530,21 @@ class Precond(torch.nn.Module):
         c_in = 1 / s2.sqrt()
         labels = self.labels(class_labels, x.shape[0], x.device)
         labels = labels.to(x.dtype) if labels is not None else None
-        if dx is None:
-            F_x = self.unet(c_in * x, emb, labels)
-            return c_skip * x + c_out * F_x.to(x.dtype), None
-        with torch.no_grad():
-            ds = dsigma.to(x.dtype).reshape(-1, 1, 1, 1)
-            dc_skip = -2 * sigma * sd2 / s2**2 * ds
-            dc_out = self.sigma_data * sd2 / s2**1.5 * ds
-            dc_in = -sigma / s2**1.5 * ds
-            dz = dc_in * x + c_in * dx.to(x.dtype)
-        F_x, dF_x = self.unet.jvp(c_in * x, dz, emb, demb, labels)
+        dz = None
+        if dx is not None:
+            with torch.no_grad():  # derivatives of the coefficients along sigma
+                ds = dsigma.to(x.dtype).reshape(-1, 1, 1, 1)
+                dc_skip = -2 * sigma * sd2 / s2**2 * ds
+                dc_out = self.sigma_data * sd2 / s2**1.5 * ds
+                dc_in = -sigma / s2**1.5 * ds
+                dz = dc_in * x + c_in * dx.to(x.dtype)
+        F_x, dF_x = call_jvp(self.unet, c_in * x, emb, labels, dx=dz, demb=demb)
+        D = c_skip * x + c_out * F_x.to(x.dtype)
+        if dF_x is None:
+            return D, None
         with torch.no_grad():
             dD = dc_skip * x + c_skip * dx.to(x.dtype) + dc_out * F_x.to(x.dtype) + c_out * dF_x.to(x.dtype)
-        return c_skip * x + c_out * F_x.to(x.dtype), dD
+        return D, dD
 
     @staticmethod
     def _expand(v, x: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,7 @@ def test_unet_activations_stay_unit_scale():
         net.unet(x, net.unet.teacher_embedding(torch.zeros(32)), N.one_hot(torch.arange(32) % 10, 10))
     for h in hooks:
         h.remove()
+    assert len(seen) == len(net.unet.enc)  # every block's call went through its hooks
     assert all(0.3 < v < 3.0 for v in seen), seen
 
 
@@ -272,6 +273,24 @@ def test_tangent_pass_costs_one_convolution_per_conv_and_records_no_graph(flow_n
     convs, saved = convolutions_and_saved(v_hat=v_hat)
     assert plain_convs > 0 and convs == 2 * plain_convs  # primal + tangent, no conv(x, zero weight tangent)
     assert saved == plain_saved  # the tangent's arithmetic stays out of the graph of u
+
+
+def test_tangent_pass_calls_every_submodule_through_its_hooks(flow_net):
+    # Hooks (and wrappers such as FSDP) must see the submodule calls of both passes.
+    net, x_t, v_hat, t, r, labels = flow_net
+    calls = {"plain": [], "tangent": []}
+    mode = ["plain"]
+    modules = [m for m in net.unet.modules() if isinstance(m, (N.MPConv, N.Block))]
+    hooks = [m.register_forward_hook(lambda m, i, o: calls[mode[0]].append(m)) for m in modules]
+    with torch.no_grad():
+        net(x_t, t, r, labels)
+        mode[0] = "tangent"
+        net(x_t, t, r, labels, v_hat=v_hat)
+    for h in hooks:
+        h.remove()
+    used = {id(m) for m in calls["plain"]}
+    assert used and {id(m) for m in calls["tangent"]} == used
+    assert len(calls["tangent"]) == len(calls["plain"])
 
 
 def test_tangent_follows_the_dropout_mask():
