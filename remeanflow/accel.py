@@ -277,6 +277,19 @@ def fast_edm_heun(denoiser: FastDenoiser, noise: torch.Tensor, labels: torch.Ten
 # Training step.
 
 
+def check_loss_settings(jvp: str, backend: str | None) -> None:
+    """A clear error for a JVP mode / compile backend pair the loss cannot run: an unknown mode or
+    backend, or jvp="autograd" compiled (torch.compile does not capture
+    `torch.autograd.functional.jvp(create_graph=True)`)."""
+    if jvp not in meanflow.JVP_MODES:
+        raise ValueError(f"jvp must be one of {meanflow.JVP_MODES}, got {jvp!r}")
+    if backend is not None:
+        check_backend(backend)
+        if jvp == "autograd":
+            raise ValueError("jvp='autograd' (double backward) cannot be captured by torch.compile; run it eagerly "
+                             "(no compile backend) or use another jvp mode")
+
+
 def meanflow_loss_fn(
     net: networks.Precond,
     *,
@@ -298,14 +311,10 @@ def meanflow_loss_fn(
     Guidance scales other than w = w_pi = 1 enter the graph as 0-dim tensors (`meanflow.guided`):
     stage 1 compiles one graph and stage 2 another, whatever w' each step draws.
 
-    jvp="autograd" (the official double-backward reference) cannot be compiled: torch.compile
-    does not capture `torch.autograd.functional.jvp(create_graph=True)`.
+    jvp="autograd" (the official double-backward reference) cannot be compiled
+    (`check_loss_settings`).
     """
-    if jvp not in meanflow.JVP_MODES:
-        raise ValueError(f"jvp must be one of {meanflow.JVP_MODES}, got {jvp!r}")
-    if backend is not None and jvp == "autograd":
-        raise ValueError("jvp='autograd' (double backward) cannot be captured by torch.compile; run the reference "
-                         "eagerly (backend=None)")
+    check_loss_settings(jvp, backend)
     device = next(net.parameters()).device
     check_precision(precision)
     if use_channels_last:

@@ -74,7 +74,7 @@ from . import accel, checkpoints, networks
 from .couplings import CouplingReader, _diff_keys, _require_int, open_couplings
 from .fileio import atomic_path, json_sha256, sha256_file
 from .loader import CouplingStream, check_fingerprint_subset, first_unstarted_epoch, keyed_seed
-from .meanflow import JVP_MODES, cfg_weights, drop_labels, sample_t_r
+from .meanflow import cfg_weights, drop_labels, sample_t_r
 
 log = logging.getLogger(__name__)
 
@@ -290,13 +290,7 @@ def hyperparameters(
     unknown = set(time_sampler) - _time_sampler_keys()
     if unknown:
         raise ValueError(f"time_sampler: unknown keys {sorted(unknown)}; known: {sorted(_time_sampler_keys())}")
-    if jvp not in JVP_MODES:
-        raise ValueError(f"jvp must be one of {JVP_MODES}, got {jvp!r}")
-    if compile is not None:
-        accel.check_backend(compile)
-        if jvp == "autograd":
-            raise ValueError("compile: jvp='autograd' (double backward) cannot be captured by torch.compile; "
-                             "use another jvp mode or compile: null")
+    accel.check_loss_settings(jvp, compile)
     return json.loads(json.dumps(dict(
         stage=stage, batch_size=batch_size, lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay,
         ema_decay=ema_decay, grad_clip=grad_clip, class_dropout=class_dropout, w_max=w_max,
@@ -493,7 +487,7 @@ class Trainer:
         all-reduces its gradient), the torch.func.jvp tangent of jvp="forward" through the
         unwrapped `net`, compiled with the `compile` backend (None: eager). Built on first use,
         from this trainer's own fields (a `dataclasses.replace` copy builds its own)."""
-        return accel.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config.get("compile"),
+        return accel.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config["compile"],
                                       model_fn=self.model, tangent_fn=self.net)
 
 
