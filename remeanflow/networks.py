@@ -44,11 +44,7 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Scale x to unit RMS over `dim` (all but the first by default), EDM2 Eq. 45."""
-    if dim is None:
-        dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=_compute_dtype(x.dtype))
-    norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
-    return x / norm.to(x.dtype)
+    return normalize_jvp(x, None, dim, eps)[0]
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
@@ -97,24 +93,29 @@ def call_jvp(module: torch.nn.Module, *args, dx=None, demb=None, **kwargs) -> tu
 
 
 # Tangent rules of the primitives (see the module docstring). Each takes the primal input(s) and
-# their tangents (None = zero) and returns the output tangent (None when it is zero). Linear
-# primitives (resample, mp_sum, mp_cat, and MPConv with its `jvp`) are their own tangent maps.
+# their tangents (None = zero) and returns the output tangent (None when it is zero);
+# `normalize_jvp` returns the output too, since both come from the same norm. Linear primitives
+# (resample, mp_sum, mp_cat, and MPConv with its `jvp`) are their own tangent maps.
 
 
-@torch.no_grad()
-def normalize_jvp(x: torch.Tensor, dx: torch.Tensor | None, dim=None, eps: float = 1e-4) -> torch.Tensor | None:
-    """Tangent of `normalize`: with n = eps + a|x|, d(x/n) = dx/n - x (a <x, dx>/|x|) / n^2."""
-    if dx is None:
-        return None
+def normalize_jvp(
+    x: torch.Tensor, dx: torch.Tensor | None, dim=None, eps: float = 1e-4
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`normalize` and its tangent, from one norm: with n = eps + a|x|,
+    d(x/n) = dx/n - x (a <x, dx>/|x|) / n^2."""
     if dim is None:
         dim = list(range(1, x.ndim))
     dtype = _compute_dtype(x.dtype)
     norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
     alpha = math.sqrt(norm.numel() / x.numel())
-    n = eps + alpha * norm
-    dot = (x.to(dtype) * dx.to(dtype)).sum(dim=dim, keepdim=True)
-    dnorm = torch.where(norm > 0, dot / norm, 0)  # |x| is not differentiable at 0: PyTorch's 0
-    return (dx.to(dtype) / n - x.to(dtype) * (alpha * dnorm / n**2)).to(dx.dtype)
+    n = torch.add(eps, norm, alpha=alpha)
+    y = x / n.to(x.dtype)
+    if dx is None:
+        return y, None
+    with torch.no_grad():
+        dot = (x.to(dtype) * dx.to(dtype)).sum(dim=dim, keepdim=True)
+        dnorm = torch.where(norm > 0, dot / norm, 0)  # |x| is not differentiable at 0: PyTorch's 0
+        return y, (dx.to(dtype) / n - x.to(dtype) * (alpha * dnorm / n**2)).to(dx.dtype)
 
 
 @torch.no_grad()
@@ -141,8 +142,9 @@ def mp_sum_jvp(da: torch.Tensor | None, db: torch.Tensor | None, t: float = 0.5)
 @torch.no_grad()
 def product_jvp(a: torch.Tensor, da: torch.Tensor | None, b: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor | None:
     """Tangent of a * b (product rule)."""
-    terms = [d for d in (da * b if da is not None else None, a * db if db is not None else None) if d is not None]
-    return sum(terms[1:], terms[0]) if terms else None
+    if da is None:
+        return None if db is None else a * db
+    return da * b if db is None else da * b + a * db
 
 
 @torch.no_grad()
@@ -276,7 +278,7 @@ class Block(torch.nn.Module):
             if self.conv_skip is not None:
                 x, dx = call_jvp(self.conv_skip, x, dx=dx)
             # pixel norm keeps encoder activations on the sphere
-            x, dx = normalize(x, dim=1), normalize_jvp(x, dx, dim=1)
+            x, dx = normalize_jvp(x, dx, dim=1)
 
         y, dy = call_jvp(self.conv_res0, mp_silu(x), dx=mp_silu_jvp(x, dx))
         c, dc = call_jvp(self.emb_linear, emb, gain=self.emb_gain, dx=demb)
@@ -307,16 +309,17 @@ class Block(torch.nn.Module):
     def _attention(self, x: torch.Tensor, dx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         n, c, h, w = x.shape
         y, dy = call_jvp(self.attn_qkv, x, dx=dx)
-        y = y.reshape(n, self.num_heads, -1, 3, h * w)
+        shape = (n, self.num_heads, -1, 3, h * w)
         # cosine attention: q, k, v on the unit sphere
-        q, k, v = normalize(y, dim=2).unbind(3)
+        qkv, dqkv = normalize_jvp(y.reshape(shape), dy.reshape(shape) if dy is not None else None, dim=2)
+        q, k, v = qkv.unbind(3)
         scale = 1 / math.sqrt(q.shape[2])
         attn = torch.einsum("nhcq,nhck->nhqk", q, k * scale).softmax(dim=3)
         out = torch.einsum("nhqk,nhck->nhcq", attn, v).reshape(n, c, h, w)
-        if dy is None:
+        if dqkv is None:
             return self.attn_proj(out), None
         with torch.no_grad():
-            dq, dk, dv = normalize_jvp(y, dy.reshape(y.shape), dim=2).unbind(3)
+            dq, dk, dv = dqkv.unbind(3)
             dlogits = (torch.einsum("nhcq,nhck->nhqk", dq, k) + torch.einsum("nhcq,nhck->nhqk", q, dk)) * scale
             dattn = attn * (dlogits - (attn * dlogits).sum(dim=3, keepdim=True))  # softmax tangent
             dout = torch.einsum("nhqk,nhck->nhcq", dattn, v) + torch.einsum("nhqk,nhck->nhcq", attn, dv)

@@ -201,7 +201,8 @@ def test_primitive_tangent_rules_match_func_jvp():
     x, dx = torch.randn(2, 2, 5, 6, 7, dtype=torch.float64, generator=g)
     x[0, 1] = 0  # a zero pixel vector: |x| is not differentiable there, both give 0
     for dim in (None, 1, 2):
-        got = N.normalize_jvp(x, dx, dim=dim)
+        y, got = N.normalize_jvp(x, dx, dim=dim)
+        assert torch.equal(y, N.normalize(x, dim=dim))
         torch.testing.assert_close(got, _func_jvp(lambda a: N.normalize(a, dim=dim), (x,), (dx,)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(N.mp_silu_jvp(x, dx), _func_jvp(N.mp_silu, (x,), (dx,)), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(N.clamp_jvp(3 * x, dx, 2.0), _func_jvp(lambda a: a.clamp(-2.0, 2.0), (3 * x,), (dx,)))
