@@ -9,8 +9,8 @@
 (b) Training step, stage 1 and stage 2, batch 16 and 64: time and peak memory
     (torch.cuda.max_memory_allocated over the timed steps). Reference: `jvp="autograd"` (the
     official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: the net's
-    own tangent pass (`jvp="tangent"`; `--fast-jvp forward` for torch.func.jvp), bf16 autocast, channels_last, the loss compiled as one graph (`accel.meanflow_loss_fn`),
-    fused Adam.
+    own tangent pass (`jvp="tangent"`; `--fast-jvp forward` for torch.func.jvp), bf16 autocast,
+    channels_last, the loss compiled as one graph (`accel.meanflow_loss_fn`), fused Adam.
 
 The nets are random EDM2 nets with non-zero gains (`train_step.nonzero_gains_`); both paths of a
 part start from the same weights and see the same inputs. Numerics are checked before any speed
@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import make_batch, nonzero_gains_
 
-from remeanflow import accel, networks, sampling, train
+from remeanflow import accel, meanflow, networks, sampling, train
 from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
@@ -380,7 +380,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train-reference-precision", dest="train_reference_precision",
                         choices=sorted(accel.PRECISIONS))
     parser.add_argument("--fast-precision", dest="fast_precision", choices=sorted(accel.PRECISIONS), default="bf16")
-    parser.add_argument("--fast-jvp", dest="fast_jvp", choices=["tangent", "forward", "forward-fused"], default="tangent",
+    parser.add_argument("--fast-jvp", dest="fast_jvp", choices=[m for m in meanflow.JVP_MODES if m != "autograd"],
+                        default="tangent",
                         help="JVP mode of the fast training path (meanflow.jvp_t)")
     parser.add_argument("--compile-backend", dest="compile_backend", default=None,
                         help="torch.compile backend of the fast paths; 'none' disables compilation")
