@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -100,3 +101,12 @@ def tiny_run(tmp_path_factory):
     cfg = write_config(workdir)
     run_snakemake(workdir, cfg)
     return workdir, cfg, workdir / "results" / "tiny"
+
+
+def import_pytorch_fid(module: str):
+    """pytorch_fid.<module>, or a skip naming why it cannot be imported (it imports torchvision,
+    whose PyPI builds fail to load beside some torch builds with a RuntimeError)."""
+    try:
+        return importlib.import_module(f"pytorch_fid.{module}")
+    except (ImportError, RuntimeError) as e:
+        pytest.skip(f"pytorch-fid/torchvision not importable here: {type(e).__name__}: {e}")

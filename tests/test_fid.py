@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
+from conftest import import_pytorch_fid
 
 from remeanflow import fid
 from remeanflow.fileio import sha256_file
@@ -100,18 +101,8 @@ def test_frechet_distance_matches_the_schur_square_root_formula():
         assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(schur, rel=1e-9)
 
 
-def _pytorch_fid_score():
-    """pytorch_fid.fid_score, or a skip naming why it cannot be imported (it imports torchvision,
-    whose PyPI builds fail to load beside some torch builds with a RuntimeError)."""
-    try:
-        from pytorch_fid import fid_score
-    except (ImportError, RuntimeError) as e:
-        pytest.skip(f"pytorch-fid/torchvision not importable here: {type(e).__name__}: {e}")
-    return fid_score
-
-
 def test_frechet_distance_matches_pytorch_fid():
-    fid_score = _pytorch_fid_score()
+    fid_score = import_pytorch_fid("fid_score")
     rng = np.random.default_rng(7)
     for d in (8, 64):
         x, y = rng.standard_normal((4 * d, d)), rng.standard_normal((3 * d, d)) @ rng.standard_normal((d, d)) * 0.3 + 1

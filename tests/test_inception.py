@@ -14,6 +14,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import import_pytorch_fid
 
 from remeanflow import inception
 from remeanflow.fileio import sha256_file
@@ -67,18 +68,8 @@ def features(weights):
     return model, images, inception.extract_features(model, images, batch=3)
 
 
-def _pytorch_fid_inception():
-    """pytorch_fid.inception, or a skip naming why it cannot be imported (it imports torchvision,
-    whose PyPI builds fail to load beside some torch builds with a RuntimeError)."""
-    try:
-        from pytorch_fid import inception as pfi
-    except (ImportError, RuntimeError) as e:
-        pytest.skip(f"pytorch-fid/torchvision not importable here: {type(e).__name__}: {e}")
-    return pfi
-
-
 def test_features_match_pytorch_fid_with_the_same_weights(weights, monkeypatch):
-    pfi = _pytorch_fid_inception()
+    pfi = import_pytorch_fid("inception")
     path, ours = weights
     state = torch.load(path, weights_only=True)
     # pytorch-fid downloads its weights in fid_inception_v3(); hand it ours instead. Its own strict
