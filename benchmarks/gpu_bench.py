@@ -54,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import make_batch, nonzero_gains_
 
-from remeanflow import accel, meanflow, networks, sampling, train
+from remeanflow import accel, meanflow, misc, networks, sampling, train
 from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
@@ -162,7 +162,7 @@ def sampler_part(args: argparse.Namespace, device: torch.device, peak: float | N
         raise ValueError(f"guide preset {args.guide_preset!r} does not match main preset {args.main_preset!r} "
                          "(image shape and label count must agree)")
     flops_main, flops_guide = accel.forward_flops(main, 1, device), accel.forward_flops(guide, 1, device)
-    nfe = accel.heun_nfe(args.heun_steps)
+    nfe = misc.heun_nfe(args.heun_steps)
     flops_per_sample = nfe * (flops_main + flops_guide)
     g = torch.Generator().manual_seed(args.seed + 2)
     shape = (args.sampler_batch, main.img_channels, main.img_resolution, main.img_resolution)

@@ -364,11 +364,6 @@ def forward_flops(net: networks.Precond, batch: int = 1, device: torch.device | 
     return int(counter.get_total_flops())
 
 
-def heun_nfe(num_steps: int) -> int:
-    """Denoiser evaluations per net of the EDM Heun sampler: 2 per step, 1 for the last (Euler)."""
-    return 2 * num_steps - 1
-
-
 def relative_error(a: torch.Tensor, ref: torch.Tensor) -> float:
     """Largest per-sample relative L2 error ||a - ref|| / ||ref|| over the batch (float64)."""
     a, ref = a.detach().double().flatten(1), ref.detach().double().flatten(1)

@@ -48,6 +48,12 @@ def save_net(path, net: networks.Precond, encoder: dict | None = None, meta: dic
     return digest
 
 
+def net_sha256(path) -> str:
+    """Checksum of a project checkpoint, from the `.sha256` file `save_net` writes when present."""
+    side = Path(str(path) + ".sha256")
+    return side.read_text().split()[0] if side.is_file() else sha256_file(path)
+
+
 def load_net(path, map_location="cpu") -> dict:
     """Load a project checkpoint -> dict(net=Precond in eval mode, init_kwargs, encoder, meta)."""
     obj = torch.load(path, map_location=map_location, weights_only=True)

@@ -21,19 +21,13 @@ import numpy as np
 import torch
 
 from . import checkpoints, couplings, sampling
-from .fileio import sha256_file
+from .checkpoints import net_sha256
 from .launch import launch_module, read_spec
 from .reflow_index import load_index
 
 log = logging.getLogger(__name__)
 
 SAMPLER_KEYS = ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
-
-
-def net_sha256(path) -> str:
-    """Checksum of a project checkpoint, from the `.sha256` file `save_net` writes when present."""
-    side = Path(str(path) + ".sha256")
-    return side.read_text().split()[0] if side.is_file() else sha256_file(path)
 
 
 def fingerprint(teacher, guide, cfg: dict, seed: int) -> dict:

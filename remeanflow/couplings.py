@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from .fileio import atomic_path, json_sha256, tree_checksum
 from .meanflow import truncation_mask, truncation_threshold
+from .misc import diff_keys, require_int
 from .reflow_index import ReflowIndex, load_index
 from .sampling import per_sample_noise
 
@@ -95,14 +96,6 @@ def _abbrev(items: Sequence[Any]) -> str:
     return f"[{head}{', ...' if len(items) > _MAX_LISTED else ''}] ({len(items)} total)"
 
 
-def _require_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
-    """ValueError unless `value` is an integer (not a bool) in [lo, hi)."""
-    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-    if not ok or value < lo or (hi is not None and value >= hi):
-        bounds = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
-        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
-
-
 def _labels_sha256(labels: np.ndarray) -> str:
     """Hash of a label slice (int32 little-endian), recorded at creation and checked on verify."""
     return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i4").tobytes()).hexdigest()
@@ -123,8 +116,8 @@ def shard_range(num_samples: int, shard: int, num_shards: int, chunk: int) -> tu
     Every boundary is a multiple of `chunk` except the final stop (= `num_samples`).
     """
     for name, value in (("num_samples", num_samples), ("num_shards", num_shards), ("chunk", chunk)):
-        _require_int(name, value, 1)
-    _require_int("shard", shard, 0, num_shards)
+        require_int(name, value, 1)
+    require_int("shard", shard, 0, num_shards)
     num_chunks = -(-num_samples // chunk)
     if num_shards > num_chunks:
         raise ValueError(
@@ -193,11 +186,11 @@ def _shard_attrs(
     if not shape:
         raise ValueError("shape must be a non-empty sequence of positive integers, e.g. [C, H, W]")
     for k, size in enumerate(shape):
-        _require_int(f"shape[{k}]", size, 1)
+        require_int(f"shape[{k}]", size, 1)
     for name, value in (("noise_dtype", noise_dtype), ("endpoint_dtype", endpoint_dtype)):
         if value not in DTYPES:
             raise ValueError(f"{name} must be one of {DTYPES}, got {value!r}")
-    _require_int("seed", seed, 0)
+    require_int("seed", seed, 0)
     if not isinstance(fingerprint, dict):
         raise TypeError(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
     try:
@@ -291,8 +284,8 @@ def generate_shard(
     returns endpoints of the same shape; it is called under `torch.no_grad()`.
     `on_chunk_done(i)` runs after chunk i is marked.
     """
-    _require_int("world_size", world_size, 1)
-    _require_int("rank", rank, 0, world_size)
+    require_int("world_size", world_size, 1)
+    require_int("rank", rank, 0, world_size)
     group, attrs = _open_shard(path, mode="r+")
     arrays = {name: group[name] for name in (*_DATA_ARRAYS, "done")}
     done = arrays["done"][...]
@@ -462,7 +455,7 @@ def merge_shards(
     distances (0.9 drops the top 10%), else (quantile=None) there is no truncation.
     """
     _check_truncation_args(quantile, fixed_threshold)
-    _require_int("histogram_bins", histogram_bins, 1)
+    require_int("histogram_bins", histogram_bins, 1)
     index = load_index(index_store)
     shards = _order_and_check_shards(shard_paths, index)
     distances, entries = [], []
@@ -499,7 +492,7 @@ def _order_and_check_shards(shard_paths: Iterable, index: ReflowIndex) -> list[t
         if attrs["fingerprint_hash"] != ref["fingerprint_hash"]:
             raise FingerprintMismatchError(
                 f"{path}: fingerprint {attrs['fingerprint_hash'][:12]}... differs from {ref_path} "
-                f"({ref['fingerprint_hash'][:12]}...; keys {_diff_keys(attrs['fingerprint'], ref['fingerprint'])})"
+                f"({ref['fingerprint_hash'][:12]}...; keys {diff_keys(attrs['fingerprint'], ref['fingerprint'])})"
             )
         if attrs["index_hash"] != index.index_hash:
             raise FingerprintMismatchError(
@@ -525,11 +518,6 @@ def _check_coverage(shards: list[tuple[Path, dict[str, Any]]], total: int) -> No
         expected, prev = stop, path
     if expected != total:
         raise CouplingStoreError(f"shards cover [0, {expected}) but the index has {total} samples (last: {prev})")
-
-
-def _diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
-    """Top-level keys whose values differ between two dicts."""
-    return sorted(k for k in a.keys() | b.keys() if a.get(k, object()) != b.get(k, object()))
 
 
 def _check_truncation_args(quantile: float | None, fixed_threshold: float | None) -> None:
@@ -641,7 +629,7 @@ class CouplingReader:
         if fingerprint_hash(expected) != self.manifest["fingerprint_hash"]:
             raise FingerprintMismatchError(
                 f"{self.manifest_path}: couplings were made with a different fingerprint "
-                f"(keys differ: {_diff_keys(json.loads(json.dumps(expected)), self.fingerprint)})"
+                f"(keys differ: {diff_keys(json.loads(json.dumps(expected)), self.fingerprint)})"
             )
 
     def verify_checksums(self) -> None:

@@ -63,10 +63,10 @@ import tqdm
 from PIL import Image
 
 from . import checkpoints, fid, inception, sampling, vae
-from .coupling_job import net_sha256
+from .checkpoints import net_sha256
 from .data.preprocess import load_images
 from .fileio import atomic_path, sha256_file
-from .teacher import uint8_to_float
+from .misc import heun_nfe, uint8_to_float
 
 HELDOUT_FORMAT = "remeanflow-heldout-v1"
 METRICS_FORMAT = "remeanflow-eval-v1"
@@ -138,11 +138,6 @@ class Heldout:
     @property
     def num_samples(self) -> int:
         return int(self.noise.shape[0])
-
-
-def heun_nfe(num_steps: int) -> int:
-    """Denoiser evaluations per net of `sampling.edm_heun`: Heun steps, the last one Euler."""
-    return 2 * num_steps - 1
 
 
 def make_heldout(

@@ -40,7 +40,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .couplings import CouplingReader, FingerprintMismatchError, _require_int, open_couplings
+from .couplings import CouplingReader, FingerprintMismatchError, open_couplings
+from .misc import require_int
 
 STATE_FORMAT = "remeanflow.coupling-stream/1"
 # Purposes of the keyed generators, so that e.g. (seed, e) for chunk order and the window keys
@@ -82,7 +83,7 @@ def _check_state_format(state: Any) -> None:
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"not a CouplingStream state (format {STATE_FORMAT!r} expected): {state!r:.200}")
     for k in ("epoch", "window", "offset"):
-        _require_int(f"state[{k!r}]", state.get(k), 0)
+        require_int(f"state[{k!r}]", state.get(k), 0)
 
 
 def first_unstarted_epoch(states: list[dict[str, Any]]) -> int:
@@ -126,11 +127,11 @@ class CouplingStream(Iterator[dict[str, Any]]):
         relayout: list[dict[str, Any]] | None = None,
         expected_fingerprint: dict[str, Any] | None = None,
     ):
-        _require_int("batch_size", batch_size, 1)
-        _require_int("world_size", world_size, 1)
-        _require_int("rank", rank, 0, world_size)
-        _require_int("seed", seed, 0)
-        _require_int("window_chunks", window_chunks, 1)
+        require_int("batch_size", batch_size, 1)
+        require_int("world_size", world_size, 1)
+        require_int("rank", rank, 0, world_size)
+        require_int("seed", seed, 0)
+        require_int("window_chunks", window_chunks, 1)
         self.reader = manifest if isinstance(manifest, CouplingReader) else open_couplings(manifest)
         if expected_fingerprint is not None:
             check_fingerprint_subset(self.reader, expected_fingerprint)

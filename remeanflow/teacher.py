@@ -32,6 +32,7 @@ import tqdm
 from . import checkpoints, networks
 from .fileio import atomic_path
 from .meanflow import drop_labels
+from .misc import tail_mean, uint8_to_float
 
 # Keys of a net's init_kwargs that are fixed by the data, so a separately trained guide must
 # share them with the main net whatever its preset says.
@@ -46,11 +47,6 @@ MAX_IN_MEMORY_BYTES = 2 << 30
 
 # ----------------------------------------------------------------------------------------------
 # Loss and schedules.
-
-
-def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float32 in [-1, 1], x / 127.5 - 1 (EDM2's StandardRGBEncoder)."""
-    return torch.as_tensor(images).to(torch.float32) / 127.5 - 1
 
 
 def edm2_loss(
@@ -316,13 +312,6 @@ def _rampup(rampup_steps: int | None, steps: int) -> int:
     return steps // 10 if rampup_steps is None else rampup_steps
 
 
-def _tail_mean(losses: list[float]) -> float:
-    """Mean training loss over the last 10% of steps: one batch's loss is too noisy (random
-    sigma per sample) to summarise a run."""
-    tail = losses[-max(1, len(losses) // 10):]
-    return float(np.mean(tail))
-
-
 def _num_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
@@ -414,13 +403,13 @@ def train_teacher(
     sha_main = checkpoints.save_net(
         out_main, main.ema.net, ENCODER,
         dict(recipe, role="main", preset=preset, steps=steps, rampup_steps=_rampup(rampup_steps, steps),
-             loss=_tail_mean(main.losses)),
+             loss=tail_mean(main.losses)),
     )
     sha_guide = checkpoints.save_net(
         out_guide, guide_model, ENCODER,
         dict(recipe, role="guide", guide="separate" if separate else "snapshot",
              preset=guide_preset if separate else preset, steps=guide_step,
-             rampup_steps=_rampup(rampup_steps, guide_step if separate else steps), loss=_tail_mean(guide_losses)),
+             rampup_steps=_rampup(rampup_steps, guide_step if separate else steps), loss=tail_mean(guide_losses)),
     )
     if metrics_csv is not None:
         _write_metrics(metrics_csv, main.rows + (guide.rows if guide else []))
@@ -429,10 +418,10 @@ def train_teacher(
         steps=steps,
         guide_step=guide_step,
         guide_mode="separate" if separate else "snapshot",
-        final_loss=_tail_mean(main.losses),
+        final_loss=tail_mean(main.losses),
         last_loss=main.losses[-1],
         first_loss=main.losses[0],
-        guide_loss=_tail_mean(guide_losses),
+        guide_loss=tail_mean(guide_losses),
         seconds=seconds,
         seconds_per_step=seconds / (steps + (guide_step if separate else 0)),
         params_main=_num_params(main.ema.net),

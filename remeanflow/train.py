@@ -71,10 +71,11 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from . import accel, checkpoints, networks
-from .couplings import CouplingReader, _diff_keys, _require_int, open_couplings
+from .couplings import CouplingReader, open_couplings
 from .fileio import atomic_path, json_sha256, sha256_file
 from .loader import CouplingStream, check_fingerprint_subset, first_unstarted_epoch, keyed_seed
 from .meanflow import cfg_weights, drop_labels, sample_t_r
+from .misc import diff_keys, require_int, tail_mean
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ def hyperparameters(
     values: what `build_trainer`, `draw_step` and `train_step` read."""
     if stage not in (1, 2):
         raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    _require_int("batch_size", batch_size, 1)
+    require_int("batch_size", batch_size, 1)
     if stage == 2 and (w_max is None or not w_max >= 1):
         raise ValueError(f"stage 2 needs w_max >= 1 (the CFG scale is drawn from U(1, w_max)), got {w_max!r}")
     if stage == 1 and w_max is not None:
@@ -351,7 +352,7 @@ def _config_diff(obj: dict[str, Any], config: dict[str, Any]) -> list[str]:
     saved = {k: v for k, v in obj["config"].items() if k not in _LAYOUT_CONFIG_KEYS}
     if json_sha256(saved) == json_sha256(config):
         return []
-    return [f"{k}: {saved.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}" for k in _diff_keys(saved, config)]
+    return [f"{k}: {saved.get(k, '<absent>')!r} -> {config.get(k, '<absent>')!r}" for k in diff_keys(saved, config)]
 
 
 def _check_resumable(path: Path, obj: dict[str, Any], config: dict[str, Any], iterations: int) -> None:
@@ -457,12 +458,6 @@ def _write_csv(path: Path, rows: list[list[float]]) -> None:
         writer = csv.writer(f)
         writer.writerow(METRICS_COLUMNS)
         writer.writerows(_csv_values(r) for r in rows)
-
-
-def _tail_mean(values: list[float]) -> float | None:
-    """Mean over the last 10% of steps: one batch's loss is too noisy to summarise a run."""
-    tail = values[-max(1, len(values) // 10):]
-    return sum(tail) / len(tail) if tail else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,9 +690,9 @@ def train_meanflow(
     _check_layout(hyper, world)
     for name, value in (("iterations", iterations), ("checkpoint_every", checkpoint_every),
                         ("keep_checkpoints", keep_checkpoints)):
-        _require_int(name, value, 1)
+        require_int(name, value, 1)
     if snapshot_every is not None:
-        _require_int("snapshot_every", snapshot_every, 1)
+        require_int("snapshot_every", snapshot_every, 1)
     out_dir, work_dir = Path(out_dir), Path(work_dir)
 
     reader = open_couplings(manifest)
@@ -761,7 +756,7 @@ def train_meanflow(
     return dict(
         stage=stage, steps=iterations, steps_run=steps_run, resumed_from=resumed_from, seconds=seconds,
         seconds_per_step=seconds / steps_run if steps_run else None,
-        final_loss=_tail_mean([r[1] for r in metrics.rows]), world_size=world, rank=accelerator.process_index,
+        final_loss=tail_mean([r[1] for r in metrics.rows]), world_size=world, rank=accelerator.process_index,
         paths=paths,
     )
 

@@ -13,7 +13,7 @@ from PIL import Image
 from remeanflow import checkpoints, evaluate, fid, inception, networks, sampling
 from remeanflow.data import preprocess
 from remeanflow.fileio import sha256_file
-from remeanflow.teacher import uint8_to_float
+from remeanflow.misc import uint8_to_float
 
 CLASSES = 4
 HELDOUT = dict(num_samples=24, seed=7, num_classes=CLASSES, heun_steps=3, guidance=1.5, batch=10, progress=False)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from remeanflow import checkpoints, networks, teacher
+from remeanflow import checkpoints, misc, networks, teacher
 
 TINY = dict(img_channels=3, label_dim=2)  # 'tiny' preset (8x8) reshaped for RGB, 2 classes
 
@@ -51,7 +51,7 @@ def run(tmp_path, images, labels, name="run", **kwargs):
 
 def test_edm2_loss_matches_hand_computation_in_f_space():
     net = random_tiny_net()
-    x = teacher.uint8_to_float(colour_set(6, 0)[0])
+    x = misc.uint8_to_float(colour_set(6, 0)[0])
     labels = torch.tensor([0, 1, -1, 0, 1, 1])
     loss = teacher.edm2_loss(net, x, labels, torch.Generator().manual_seed(3), P_mean=-0.4, P_std=1.0)
 
@@ -75,7 +75,7 @@ def test_edm2_loss_matches_hand_computation_in_f_space():
 
 def test_edm2_loss_deterministic_given_generator_and_differentiable():
     net = random_tiny_net()
-    x = teacher.uint8_to_float(colour_set(4, 1)[0])
+    x = misc.uint8_to_float(colour_set(4, 1)[0])
     labels = torch.tensor([0, 1, 0, 1])
     a = teacher.edm2_loss(net, x, labels, torch.Generator().manual_seed(7))
     b = teacher.edm2_loss(net, x, labels, torch.Generator().manual_seed(7))
@@ -87,7 +87,7 @@ def test_edm2_loss_deterministic_given_generator_and_differentiable():
 
 
 def test_uint8_to_float_range():
-    out = teacher.uint8_to_float(np.array([0, 255, 128], dtype=np.uint8))
+    out = misc.uint8_to_float(np.array([0, 255, 128], dtype=np.uint8))
     torch.testing.assert_close(out, torch.tensor([-1.0, 1.0, 128 / 127.5 - 1]))
 
 
@@ -176,7 +176,7 @@ def test_train_teacher_learns_and_saves(tmp_path):
 
     # Held-out denoising at a mid noise level: main beats the untrained net, the guide lies between.
     x_np, c_np = colour_set(64, 1)
-    x, c = teacher.uint8_to_float(x_np), torch.from_numpy(c_np)
+    x, c = misc.uint8_to_float(x_np), torch.from_numpy(c_np)
     y = x + 0.5 * torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
     untrained = networks.build("tiny", **TINY).eval()
     with torch.no_grad():

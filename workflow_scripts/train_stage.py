@@ -3,7 +3,7 @@
 import torch
 
 from remeanflow import train
-from remeanflow.coupling_job import net_sha256
+from remeanflow.checkpoints import net_sha256
 from remeanflow.launch import launch_module
 from remeanflow.workflow import step
 

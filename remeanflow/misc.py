@@ -1,0 +1,38 @@
+"""Small helpers shared by several modules (in the spirit of EDM2's `torch_utils/misc.py`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def require_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """ValueError unless `value` is an integer (not a bool) in [lo, hi)."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    if not ok or value < lo or (hi is not None and value >= hi):
+        bounds = f"in [{lo}, {hi})" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name} must be an integer {bounds}, got {value!r}")
+
+
+def diff_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """Top-level keys whose values differ between two dicts."""
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, object()) != b.get(k, object()))
+
+
+def tail_mean(values: list[float]) -> float | None:
+    """Mean over the last 10% of steps (None for no steps): one batch's loss is too noisy to
+    summarise a run."""
+    tail = values[-max(1, len(values) // 10):]
+    return sum(tail) / len(tail) if tail else None
+
+
+def heun_nfe(num_steps: int) -> int:
+    """Denoiser evaluations per net of the EDM Heun sampler: 2 per step, 1 for the last (Euler)."""
+    return 2 * num_steps - 1
+
+
+def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float32 in [-1, 1], x / 127.5 - 1 (EDM2's StandardRGBEncoder)."""
+    return torch.as_tensor(images).to(torch.float32) / 127.5 - 1
