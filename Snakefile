@@ -1,5 +1,6 @@
 # remeanflow: Re-MeanFlow (one-step generation by MeanFlow training of EDM2 on rectified
-# teacher couplings) as a Snakemake workflow. See README.md and DESIGN.md.
+# teacher couplings) as a Snakemake workflow. Stages, rules and artifacts: docs/architecture.md;
+# the method and where it differs from the paper's code: docs/method.md.
 import os
 
 
@@ -13,6 +14,14 @@ include: "rules/couplings.smk"
 include: "rules/training.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+
+
+# Bookkeeping rules run where Snakemake runs (no cluster job for seconds of work).
+localrules:
+    all,
+    toy_source,
+    report_stage,
+    report,
 
 
 rule all:

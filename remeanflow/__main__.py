@@ -1,4 +1,5 @@
-"""Command line: `python -m remeanflow provenance <artifact> [--verify] [--json]`."""
+"""Command line: `python -m remeanflow provenance <artifact> [--verify] [--json]`, `python -m
+remeanflow schema [--check]`."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import json
 import sys
 
-from . import provenance
+from . import config, provenance, settings
 
 
 def _provenance(args) -> int:
@@ -29,6 +30,18 @@ def _provenance(args) -> int:
     return 1 if changed else 0
 
 
+def _schema(args) -> int:
+    text = settings.schema_yaml()
+    if args.check:
+        if config.SCHEMA.read_text() != text:
+            print(f"{config.SCHEMA} is out of date: run `python -m remeanflow schema`", file=sys.stderr)
+            return 1
+        return 0
+    config.SCHEMA.write_text(text)
+    print(f"wrote {config.SCHEMA}")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="remeanflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +50,9 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true", help="re-hash inputs still on disk; exit 1 if any changed")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_provenance)
+    p = sub.add_parser("schema", help="write schemas/config.schema.yaml from the settings classes")
+    p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the settings classes")
+    p.set_defaults(func=_schema)
     args = parser.parse_args(argv)
     return args.func(args)
 

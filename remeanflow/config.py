@@ -1,4 +1,9 @@
-"""Config validation with messages that name the offending key (schemas/config.schema.yaml)."""
+"""Config validation with messages that name the offending key.
+
+The schema is generated from the settings classes (`remeanflow.settings`); `validate` coerces the
+strings Snakemake makes of nested `--config` values, checks the schema and the cross-field rules of
+the classes, and returns the complete config (missing keys filled with their defaults).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,8 @@ from pathlib import Path
 
 import jsonschema
 import yaml
+
+from . import settings
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 
@@ -24,8 +31,6 @@ def _describe(err: jsonschema.ValidationError) -> str:
         extra = sorted(set(err.instance) - set(allowed))
         keys = ", ".join(_key([*err.absolute_path, k]) for k in extra)
         return f"unknown config key {keys} (allowed here: {', '.join(allowed)})"
-    if err.validator == "required":
-        return f"config key {_key(err.absolute_path)}: {err.message}"
     return f"config key {_key(err.absolute_path)} = {err.instance!r}: {err.message}"
 
 
@@ -33,16 +38,14 @@ def load_schema(path=SCHEMA) -> dict:
     return yaml.safe_load(Path(path).read_text())
 
 
-def validate(config: dict, schema_path=SCHEMA) -> dict:
-    """Check `config` against the schema; raise ConfigError naming each bad key, else return it."""
-    schema = load_schema(schema_path)
-    validator = jsonschema.Draft7Validator(schema)
-    errors = sorted(validator.iter_errors(config), key=lambda e: list(map(str, e.absolute_path)))
+def validate(config: dict) -> dict:
+    """The complete, typed-checked config; ConfigError naming each bad key."""
+    coerced = settings.coerce(config)
+    validator = jsonschema.Draft7Validator(settings.json_schema())
+    errors = sorted(validator.iter_errors(coerced), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))
-    return config
-
-
-def rule_resources(config: dict, group: str) -> dict:
-    """Resources of a rule group, falling back to `resources.default`."""
-    return dict(config["resources"].get(group, config["resources"]["default"]))
+    try:
+        return settings.load(coerced).to_dict()
+    except ValueError as e:
+        raise ConfigError(f"invalid configuration:\n  {e}") from None

@@ -1,34 +1,16 @@
-"""Evaluation of one-step checkpoints (DESIGN.md §3 "Evaluation", §4): FID over sharded samples
-when Inception weights are given, and the metrics that need no external weights: held-out teacher
-couplings, pixel-space Fréchet distances, error against the teacher, and a sample grid.
+"""Sampled evaluation of one-step checkpoints (docs/method.md; stages and artifacts in
+docs/architecture.md): FID over sharded samples when Inception weights are given, and the metrics
+of a checkpoint on held-out teacher couplings (`heldout`) that need no external weights.
 
-* `make_heldout` / `load_heldout`: noise, labels and the teacher's endpoints for sample ids
-  0..N-1 under an *evaluation* seed. The caller must pass a seed different from the training
-  couplings' seed: noise is keyed by (seed, sample id) (`sampling.per_sample_noise`), so the same
-  seed would reproduce training couplings exactly and the error against the teacher would measure
-  memorisation, not generalisation.
-* `pixel_stats` / `reference_pixel_stats`: Gaussian statistics of flattened pixels in [-1, 1],
-  for a Fréchet distance in pixel space (a weak stand-in for FID, which needs Inception weights).
 * `evaluate_generator`: metrics of one set of samples for the held-out noise.
 * `evaluate_checkpoint`: one-step samples of a checkpoint (and of the untrained initial model and
-  the teacher's own one- and multi-step solutions, for comparison) -> ``metrics.json`` + PNG grid,
-  with the sharded metrics (`sampled_metrics`) under ``sampled`` and its FID as ``fid``.
-* `reference_inception_stats`: FID reference statistics of the dataset's images.
+  the teacher's own one- and multi-step solutions, for comparison) -> ``metrics.json`` + PNG grid
+  (`figures`), with the sharded metrics (`sampled_metrics`) under ``sampled`` and its FID as ``fid``.
 
-Held-out file (``.npz``, written atomically, loaded without pickle)::
+Pixel features and reference statistics live in `reference_stats`, the held-out couplings in
+`heldout`, the sample grid in `figures`.
 
-    noise             float32 [N, C, H, W]  per_sample_noise(seed, 0..N-1): standard normal
-    labels            int64   [N]           per_sample_labels(seed, 0..N-1, num_classes)
-    teacher_endpoint  float32 [N, C, H, W]  edm_heun(heun_steps) with autoguidance
-    teacher_1step     float32 [N, C, H, W]  edm_heun(num_steps=1), same guide and guidance
-    attrs             str (0-d)             JSON: format, seed, num_samples, num_classes, sampler
-                                            settings, nfe, teacher/guide sha256
-
-The teacher's one-step baseline uses the *same* guided denoiser as the multi-step endpoints, so
-that the two teacher columns differ only in the number of ODE steps: a single Euler step from
-sigma_max lands on D_guided(sigma_max · n), the guided posterior mean at the highest noise level.
-
-Sampled evaluation at paper scale (FID, DESIGN.md §3): `sample_shard` x N, then `sampled_metrics`.
+Sampled evaluation at paper scale (FID, docs/method.md): `sample_shard` x N, then `sampled_metrics`.
 Sample id i in [0, fid_samples) gets noise ``per_sample_noise(seed, i)`` and a uniformly random
 class ``per_sample_labels(seed, i)``, so the samples do not depend on how the ids are split;
 shard k of N takes the contiguous ids `shard_range(fid_samples, k, N)`. A shard decodes its
@@ -53,276 +35,43 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 import tqdm
-from PIL import Image
 
-from . import checkpoints, fid, inception, sampling, vae
+from . import fid, inception, sampling, vae
 from .checkpoints import net_sha256
 from .data.preprocess import load_images
+from .figures import grid_indices, save_grid
 from .fileio import atomic_path, sha256_file
-from .misc import heun_nfe, uint8_to_float
+from .heldout import (
+    Heldout,
+    as_heldout,
+    batched,
+    check_positive_int,
+    load_heldout,
+    load_net_and_info,
+    resolve_device,
+)
+from .reference_stats import (
+    pixel_features,
+    pixel_stats,
+    reference_pixel_stats,
+    reference_rows,
+)
 
-HELDOUT_FORMAT = "remeanflow-heldout-v1"
 METRICS_FORMAT = "remeanflow-eval-v1"
 SHARD_FORMAT = "remeanflow-eval-shard-v1"
-HELDOUT_ARRAYS = ("noise", "labels", "teacher_endpoint", "teacher_1step")
 PIXEL_ENCODER = vae.PIXEL_ENCODER  # EDM2's encoder for nets that work on pixels in [-1, 1]
 FID_SKIPPED = "FID skipped: no Inception weights configured (config evaluate.inception.weights is null)"
 STATS_CHUNK = 4096  # feature rows per RunningStats update: bounds the float64 copy in memory
-
-# ----------------------------------------------------------------------------------------------
-# Small helpers.
-
-
-def _device(device) -> torch.device:
-    """The given device, or CUDA when available (evaluation is meant for the GPU)."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def _load_net(net_or_path, device: torch.device) -> tuple[torch.nn.Module, dict]:
-    """A Precond (in eval mode) plus what is known of its origin: path, sha256, encoder."""
-    if isinstance(net_or_path, torch.nn.Module):
-        return net_or_path.eval().to(device), {"path": None, "sha256": None, "encoder": None}
-    loaded = checkpoints.load_net(net_or_path)
-    info = {"path": str(net_or_path), "sha256": net_sha256(net_or_path), "encoder": loaded["encoder"]}
-    return loaded["net"].to(device), info
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _batched(
-    fn: Callable, noise: torch.Tensor, labels: torch.Tensor, *, batch: int, device: torch.device, desc: str,
-    progress: bool,
-) -> np.ndarray:
-    """fn(noise, labels) over batches of rows on `device` -> float32 numpy [N, ...] on the CPU."""
-    _check_positive_int("batch", batch)
-    out = []
-    starts = range(0, noise.shape[0], batch)
-    with torch.inference_mode():
-        for lo in tqdm.tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-            x = fn(noise[lo : lo + batch].to(device), labels[lo : lo + batch].to(device))
-            out.append(x.float().cpu())
-    return torch.cat(out).numpy()
 
 
 def _write_json(path, obj: dict) -> None:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------
-# Held-out teacher couplings.
-
-
-@dataclasses.dataclass(frozen=True)
-class Heldout:
-    """Held-out couplings as numpy arrays (see the module docstring for the format)."""
-
-    noise: np.ndarray
-    labels: np.ndarray
-    teacher_endpoint: np.ndarray
-    teacher_1step: np.ndarray
-    attrs: dict
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.noise.shape[0])
-
-
-def make_heldout(
-    teacher,
-    guide,
-    out_path,
-    *,
-    num_samples: int,
-    seed: int,
-    num_classes: int,
-    heun_steps: int,
-    sigma_min: float = 0.002,
-    sigma_max: float = 80,
-    rho: float = 7,
-    guidance: float,
-    batch: int = 256,
-    device=None,
-    progress: bool = True,
-) -> dict:
-    """Write held-out teacher couplings for sample ids 0..num_samples-1 to `out_path` (``.npz``).
-
-    `teacher` / `guide` are Preconds or project checkpoint paths (`guide` may be None when
-    guidance == 1). `seed` must differ from the training couplings' seed (module docstring).
-    The teacher runs in float32 on `device` (default: CUDA if available). Returns the attrs.
-    """
-    for name, value in (("num_samples", num_samples), ("num_classes", num_classes), ("heun_steps", heun_steps)):
-        _check_positive_int(name, value)
-    if num_samples < 2:
-        raise ValueError(f"num_samples must be >= 2 (a covariance needs two samples), got {num_samples}")
-    device = _device(device)
-    net, net_info = _load_net(teacher, device)
-    guide_net, guide_info = _load_net(guide, device) if guide is not None else (None, {"sha256": None})
-    if not 1 <= num_classes <= net.label_dim:
-        raise ValueError(f"num_classes={num_classes} must lie in [1, label_dim={net.label_dim}] of the teacher")
-
-    ids = np.arange(num_samples)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    noise = sampling.per_sample_noise(seed, ids, shape)
-    labels = sampling.per_sample_labels(seed, ids, num_classes)
-    sampler = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guide=guide_net, guidance=guidance)
-
-    def solve(num_steps: int, desc: str) -> np.ndarray:
-        fn = functools.partial(sampling.edm_heun, net, num_steps=num_steps, **sampler)
-        return _batched(fn, noise, labels, batch=batch, device=device, desc=desc, progress=progress)
-
-    arrays = dict(
-        noise=noise.numpy(),
-        labels=labels.numpy(),
-        teacher_endpoint=solve(heun_steps, f"held-out teacher ({heun_steps} Heun steps)"),
-        teacher_1step=solve(1, "held-out teacher (1 Euler step)"),
-    )
-    attrs = dict(
-        format=HELDOUT_FORMAT,
-        seed=int(seed),
-        num_samples=int(num_samples),
-        num_classes=int(num_classes),
-        sample_ids=[0, int(num_samples)],
-        heun_steps=int(heun_steps),
-        sigma_min=float(sigma_min),
-        sigma_max=float(sigma_max),
-        rho=float(rho),
-        guidance=float(guidance),
-        guided=guide_net is not None and guidance != 1,
-        # Sequential denoiser evaluations per net; a guided solve costs twice that in net calls.
-        nfe={"teacher_endpoint": heun_nfe(heun_steps), "teacher_1step": heun_nfe(1)},
-        teacher_sha256=net_info["sha256"],
-        guide_sha256=guide_info["sha256"],
-        noise="sampling.per_sample_noise (numpy Philox key [sample_id, seed], stream 0), float32",
-        precision="fp32",
-        numpy=np.__version__,
-    )
-    with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
-        np.savez(f, **arrays, attrs=np.array(json.dumps(attrs)))
-    return attrs
-
-
-def load_heldout(path) -> Heldout:
-    """Read and check a held-out ``.npz``; errors name the file and the offending key."""
-    path = Path(path)
-    arrays = fid.read_npz(path, (*HELDOUT_ARRAYS, "attrs"), "held-out couplings file")
-    try:
-        attrs = json.loads(str(arrays.pop("attrs")))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: 'attrs' is not JSON ({e})") from e
-    if not isinstance(attrs, dict) or attrs.get("format") != HELDOUT_FORMAT:
-        found = attrs.get("format") if isinstance(attrs, dict) else attrs
-        raise ValueError(f"{path}: attrs format is {found!r}, expected {HELDOUT_FORMAT!r}")
-    _check_heldout_arrays(path, arrays, attrs)
-    return Heldout(**arrays, attrs=attrs)
-
-
-def _check_heldout_arrays(path: Path, arrays: dict[str, np.ndarray], attrs: dict) -> None:
-    noise, labels = arrays["noise"], arrays["labels"]
-    n = attrs.get("num_samples")
-    if noise.ndim != 4 or noise.shape[0] != n:
-        raise ValueError(f"{path}: 'noise' must be [num_samples={n}, C, H, W], got shape {noise.shape}")
-    if labels.shape != (n,) or labels.dtype.kind not in "iu":
-        raise ValueError(f"{path}: 'labels' must be integers [{n}], got {labels.dtype} {labels.shape}")
-    for key in ("noise", "teacher_endpoint", "teacher_1step"):
-        a = arrays[key]
-        if a.shape != noise.shape or a.dtype.kind != "f":
-            raise ValueError(f"{path}: '{key}' must be floating-point {noise.shape}, got {a.dtype} {a.shape}")
-        if not np.isfinite(a).all():
-            raise ValueError(f"{path}: '{key}' contains NaN or infinite values")
-
-
-def _as_heldout(heldout) -> Heldout:
-    return heldout if isinstance(heldout, Heldout) else load_heldout(heldout)
-
-
-# ----------------------------------------------------------------------------------------------
-# Pixel-space statistics.
-
-
-_to_uint8 = inception.to_uint8  # float [-1, 1] -> uint8 as saved to disk (EDM2's StandardRGBEncoder)
-
-
-def pixel_features(images, resolution: int | None = None) -> np.ndarray:
-    """Flattened pixels in [-1, 1], float64 [N, C·H·W], of uint8 or float ([-1, 1]) images [N, C, H, W].
-
-    Float images are first quantised like images written to disk, so that generated samples are
-    compared with the (uint8) dataset on the same grid. With `resolution` below H, images are
-    area-downsampled first: the covariance is (C·H·W)^2 and its square root cubic in that, so 64 px
-    and up must be reduced to stay tractable.
-    """
-    x = torch.as_tensor(images)
-    if x.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W], got shape {tuple(x.shape)}")
-    if x.dtype != torch.uint8:
-        if not x.dtype.is_floating_point:
-            raise ValueError(f"images must be uint8 or floating point in [-1, 1], got {x.dtype}")
-        x = _to_uint8(x.float())
-    x = uint8_to_float(x)
-    if resolution is not None and resolution < x.shape[-1]:
-        x = F.interpolate(x, size=(resolution, resolution), mode="area")
-    return x.reshape(x.shape[0], -1).double().numpy()
-
-
-def pixel_stats(images, resolution: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian statistics (mu, sigma) of `pixel_features(images, resolution)`."""
-    return fid.gaussian_stats(pixel_features(images, resolution))
-
-
-def reference_rows(num_images: int, max_images: int | None) -> np.ndarray:
-    """Rows of an image store used for reference statistics: all, or `max_images` evenly spaced
-    ones (the store is sorted by class, so a prefix would cover only the first classes)."""
-    if max_images is None or max_images >= num_images:
-        return np.arange(num_images)
-    _check_positive_int("max_images", max_images)
-    return np.arange(max_images) * num_images // max_images
-
-
-def store_blocks(images_store, max_images: int | None = None, *, desc: str = "image store", progress: bool = True):
-    """uint8 blocks [B, 3, R, R] of a preprocessed image store (`data.preprocess` format), read a
-    whole chunk at a time; all rows, or with `max_images` an evenly spaced subset (`reference_rows`)."""
-    images, _ = load_images(images_store)
-    rows = reference_rows(images.shape[0], max_images)
-    step = images.chunks[0]
-    for lo in tqdm.tqdm(range(0, images.shape[0], step), desc=desc, unit="chunk", disable=not progress,
-                        leave=False):
-        wanted = rows[(rows >= lo) & (rows < lo + step)]
-        if wanted.size:
-            yield images[lo : lo + step][wanted - lo]
-
-
-def reference_pixel_stats(
-    images_store, max_images: int | None = None, *, resolution: int | None = None, progress: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel statistics of a preprocessed image store, read a chunk at a time (`store_blocks`)."""
-    stats = fid.RunningStats()
-    for block in store_blocks(images_store, max_images, desc="reference pixel stats", progress=progress):
-        stats.update(pixel_features(block, resolution))
-    return stats.finalize()
-
-
-def reference_inception_stats(
-    images_store, model: inception.InceptionV3, max_images: int | None = None, *, batch: int = 200,
-    progress: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """FID reference statistics (mu, sigma) of the Inception pool features of an image store's
-    uint8 images, streamed a chunk at a time (`store_blocks`)."""
-    stats = fid.RunningStats()
-    for block in store_blocks(images_store, max_images, desc="reference Inception stats", progress=progress):
-        stats.update(inception.extract_features(model, block, batch=batch))
-    return stats.finalize()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -340,7 +89,7 @@ def evaluate_generator(
     * ``fd_pixels``: Fréchet distance of `pixel_stats(samples, resolution)` to `ref_stats`
       (None when `ref_stats` is None).
     """
-    heldout = _as_heldout(heldout)
+    heldout = as_heldout(heldout)
     x = torch.as_tensor(samples).detach().cpu().double().numpy()
     if x.shape != heldout.teacher_endpoint.shape:
         raise ValueError(f"{name}: samples have shape {x.shape}, the held-out set {heldout.teacher_endpoint.shape}")
@@ -352,50 +101,14 @@ def evaluate_generator(
 
 
 # ----------------------------------------------------------------------------------------------
-# Sample grid.
-
-
-def grid_indices(labels: np.ndarray, per_class: int = 2, max_classes: int = 10) -> np.ndarray:
-    """The first `per_class` held-out samples of each of the first `max_classes` classes present
-    (in class order): a fixed, class-covering selection for the grid."""
-    labels = np.asarray(labels)
-    classes = np.unique(labels)[:max_classes]
-    return np.concatenate([np.flatnonzero(labels == c)[:per_class] for c in classes])
-
-
-def save_grid(images, path, nrow: int, scale: int = 4, pad: int = 1, pad_value: int = 255) -> tuple[int, int]:
-    """Tile images [N, C, H, W] in [-1, 1] (C = 1 or 3) into a PNG, `nrow` images per row
-    (torchvision's convention), each upscaled `scale`x by nearest neighbour and separated (and
-    framed) by `pad` pixels of grey level `pad_value`. Written atomically; returns (width, height).
-    """
-    x = torch.as_tensor(images).detach().cpu()
-    if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
-        raise ValueError(f"grid images must be [N, 1 or 3, H, W] with N >= 1, got shape {tuple(x.shape)}")
-    _check_positive_int("nrow", nrow)
-    _check_positive_int("scale", scale)
-    x = _to_uint8(x.float()).repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
-    n, c, h, w = x.shape
-    rows = -(-n // nrow)
-    canvas = torch.full((c, rows * (h + pad) + pad, nrow * (w + pad) + pad), pad_value, dtype=torch.uint8)
-    for i in range(n):
-        top, left = pad + (i // nrow) * (h + pad), pad + (i % nrow) * (w + pad)
-        canvas[:, top : top + h, left : left + w] = x[i]
-    pixels = canvas.permute(1, 2, 0).numpy()
-    image = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        image.save(f, format="PNG")
-    return image.size
-
-
-# ----------------------------------------------------------------------------------------------
 # Sampled evaluation in shards (FID at paper scale).
 
 
 def shard_range(num_samples: int, shard: int, num_shards: int) -> tuple[int, int]:
     """[lo, hi) of the sample ids of shard `shard` of `num_shards`: contiguous, disjoint, covering
     0..num_samples-1, sizes differing by at most one."""
-    _check_positive_int("num_samples", num_samples)
-    _check_positive_int("num_shards", num_shards)
+    check_positive_int("num_samples", num_samples)
+    check_positive_int("num_shards", num_shards)
     if num_shards > num_samples:
         raise ValueError(f"num_shards={num_shards} exceeds num_samples={num_samples}: some shards would be empty")
     if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < num_shards:
@@ -437,9 +150,9 @@ def sample_shard(
     InceptionV3 pool features. Returns the shard's attrs.
     """
     lo, hi = shard_range(num_samples, shard, num_shards)
-    _check_positive_int("num_classes", num_classes)
-    device = _device(device)
-    net, info = _load_net(net_path, device)
+    check_positive_int("num_classes", num_classes)
+    device = resolve_device(device)
+    net, info = load_net_and_info(net_path, device)
     if num_classes > net.label_dim:
         raise ValueError(f"{net_path}: label_dim {net.label_dim} is smaller than num_classes={num_classes}")
     decode, note = _decoder_or_none(info["encoder"], vae_path, device, need_pixels=inception_weights is not None)
@@ -617,7 +330,7 @@ def sampled_metrics(
 
 def _one_step_samples(net_or_path, heldout: Heldout, *, batch: int, device: torch.device, desc: str, progress: bool):
     """One-step samples x = n - u(n, t_max, 0 | c) of a net for the held-out noise and labels."""
-    net, info = _load_net(net_or_path, device)
+    net, info = load_net_and_info(net_or_path, device)
     expected = heldout.noise.shape[1:]
     actual = (net.img_channels, net.img_resolution, net.img_resolution)
     if actual != expected:
@@ -625,7 +338,7 @@ def _one_step_samples(net_or_path, heldout: Heldout, *, batch: int, device: torc
     if heldout.labels.max() >= net.label_dim:
         raise ValueError(f"{info['path'] or desc}: label_dim {net.label_dim} too small for held-out labels")
     noise, labels = torch.from_numpy(heldout.noise), torch.from_numpy(heldout.labels)
-    samples = _batched(lambda n, c: sampling.one_step(net, n, c), noise, labels, batch=batch, device=device,
+    samples = batched(lambda n, c: sampling.one_step(net, n, c), noise, labels, batch=batch, device=device,
                        desc=desc, progress=progress)
     return samples, info
 
@@ -680,7 +393,7 @@ def evaluate_checkpoint(
     """
     heldout = load_heldout(heldout_path)
     teacher_sha = _check_teacher(teacher_path, heldout, heldout_path)
-    device = _device(device)
+    device = resolve_device(device)
     sampler = functools.partial(_one_step_samples, heldout=heldout, batch=batch, device=device, progress=progress)
     columns, shas = {}, dict(net=None, initial=None, teacher=teacher_sha, guide=heldout.attrs.get("guide_sha256"))
     columns["one_step"], net_info = sampler(net_path, desc="one-step samples")

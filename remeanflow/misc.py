@@ -25,7 +25,7 @@ def tail_mean(values: list[float]) -> float | None:
     """Mean over the last 10% of steps (None for no steps): one batch's loss is too noisy to
     summarise a run."""
     tail = values[-max(1, len(values) // 10):]
-    return sum(tail) / len(tail) if tail else None
+    return float(np.mean(tail)) if tail else None
 
 
 def heun_nfe(num_steps: int) -> int:

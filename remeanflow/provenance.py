@@ -9,6 +9,7 @@ the rule that wrote it, and lineage can be followed sidecar to sidecar back to t
 
 from __future__ import annotations
 
+import ast
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -37,27 +38,78 @@ def stable_hash(obj) -> str:
     return json_sha256(obj)
 
 
-def code_hash(modules: list[str] | None = None) -> str:
-    """Hash of the package sources a rule uses (all of `remeanflow/` when `modules` is None).
+def _module_file(name: str) -> Path | None:
+    """File of `remeanflow.<name>` (a module or a package's __init__), None if it is not a module."""
+    target = PACKAGE_DIR.joinpath(*name.split(".")) if name else PACKAGE_DIR
+    for f in (target.with_suffix(".py"), target / "__init__.py"):
+        if f.is_file():
+            return f
+    return None
 
-    Snakemake's code trigger does not see modules imported by a script (REFERENCE.md), so rules
-    pass this as a `params:` value: editing any listed module reruns exactly the rules using it.
-    """
-    if modules is None:
-        files = sorted(PACKAGE_DIR.rglob("*.py"))
-    else:
-        files = []
-        for name in modules:
-            target = PACKAGE_DIR / name.replace(".", "/")
-            found = sorted(target.rglob("*.py")) if target.is_dir() else [target.with_suffix(".py")]
-            missing = [f for f in found if not f.is_file()]
-            if missing or not found:
-                raise FileNotFoundError(f"code_hash: no module remeanflow.{name} ({target})")
-            files += found
+
+def _package_name(f: Path) -> str:
+    """Dotted name inside remeanflow of the package that holds file `f` ('' for the top)."""
+    return ".".join(f.relative_to(PACKAGE_DIR).parent.parts)
+
+
+def _imported(source: str, package: str | None) -> set[str]:
+    """Names inside remeanflow that a source file imports (also inside functions), dotted; a
+    `from X import y` adds X.y too, which is kept only where it is a module."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name == "remeanflow" or alias.name.startswith("remeanflow."):
+                    found.add(alias.name.removeprefix("remeanflow").lstrip("."))
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: only inside the package
+                if package is None:
+                    continue
+                parts = package.split(".") if package else []
+                base = parts[: len(parts) - node.level + 1]
+                mod = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            elif node.module and (node.module == "remeanflow" or node.module.startswith("remeanflow.")):
+                mod = node.module.removeprefix("remeanflow").lstrip(".")
+            else:
+                continue
+            found.add(mod)
+            found.update(f"{mod}.{a.name}".lstrip(".") for a in node.names)
+    return found
+
+
+def import_closure(script) -> list[Path]:
+    """Files of `remeanflow/` that `script` reaches through imports, found statically in the source
+    (the packages' `__init__.py` included: importing a submodule runs them). Sorted."""
+    seen: set[Path] = set()
+    todo = [(Path(script), None)]
+    while todo:
+        path, package = todo.pop()
+        for name in _imported(path.read_text(), package):
+            parts = name.split(".") if name else []
+            for i in range(len(parts) + 1):  # the module and every package above it
+                f = _module_file(".".join(parts[:i]))
+                if f is not None and f not in seen:
+                    seen.add(f)
+                    todo.append((f, _package_name(f)))
+    return sorted(seen)
+
+
+def code_hash(files: list[Path] | None = None) -> str:
+    """Hash of package sources: `files` (e.g. an `import_closure`), or all of `remeanflow/`."""
+    files = sorted(PACKAGE_DIR.rglob("*.py")) if files is None else files
     h = hashlib.sha256()
     for f in files:
         h.update(f.relative_to(PACKAGE_DIR).as_posix().encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def script_code_hash(script) -> str:
+    """Code version of a workflow script: the hash of its import closure inside `remeanflow/`.
+
+    Snakemake's code trigger sees a script's own text, not the modules it imports; rules pass this
+    as a `params:` value, so editing a module reruns exactly the rules whose scripts reach it.
+    """
+    return code_hash(import_closure(script))
 
 
 def git_state(repo=None) -> dict:
@@ -128,7 +180,7 @@ def write(
     wildcards: dict | None = None,
     seeds: dict | None = None,
     started: str | None = None,
-    code_modules: list[str] | None = None,
+    rule_code_hash: str | None = None,
     extra: dict | None = None,
 ) -> dict:
     """Write `<artifact>.provenance.json` for a finished artifact and return the record."""
@@ -144,7 +196,7 @@ def write(
         "config": config,
         "config_hash": stable_hash(config),
         "inputs": {name: [describe_input(p) for p in paths] for name, paths in named.items()},
-        "code": {**git_state(), "package_hash": code_hash(), "rule_code_hash": code_hash(code_modules) if code_modules else None},
+        "code": {**git_state(), "package_hash": code_hash(), "rule_code_hash": rule_code_hash},
         "packages": package_versions(),
         "workdir": os.getcwd(),
         "host": socket.gethostname(),

@@ -33,6 +33,7 @@ from . import checkpoints, networks
 from .fileio import atomic_path
 from .meanflow import drop_labels
 from .misc import tail_mean, uint8_to_float
+from .settings import TeacherTrainSettings
 
 # Keys of a net's init_kwargs that are fixed by the data, so a separately trained guide must
 # share them with the main net whatever its preset says.
@@ -326,21 +327,9 @@ def _write_metrics(path, rows: list[dict]) -> None:
 def train_teacher(
     images,
     labels,
+    recipe: TeacherTrainSettings,
     *,
-    preset: str | None = "toy-16",
-    net_kwargs: dict | None = None,
-    steps: int,
-    batch_size: int,
-    lr_ref: float = 1e-2,
-    t_ref_steps: int | None = None,
-    rampup_steps: int | None = None,
-    ema_std: float = 0.05,
-    P_mean: float = -0.4,
-    P_std: float = 1.0,
-    label_dropout: float = 0.0,
-    guide_step: int,
-    guide_preset: str | None = None,
-    guide_net_kwargs: dict | None = None,
+    net_kwargs: dict | None = None,  # data-shape keys (label_dim, img_resolution, img_channels) over the preset's
     seed: int = 0,
     out_main,
     out_guide,
@@ -348,6 +337,9 @@ def train_teacher(
     progress: bool = True,
     device: str | torch.device = "cpu",
     max_in_memory_bytes: int = MAX_IN_MEMORY_BYTES,
+    t_ref_steps: int | None = None,  # EDM2 learning-rate decay reference; None: no decay
+    guide_preset: str | None = None,  # train a separate guide net of this preset (None: EMA snapshot)
+    guide_net_kwargs: dict | None = None,  # overrides of the separate guide's preset
 ) -> dict:
     """Train a small EDM2 teacher and its autoguidance guide; save both with `checkpoints.save_net`.
 
@@ -359,19 +351,16 @@ def train_teacher(
     * `guide_preset` given: a separate net of that preset (data-shape keys taken from the main
       net, then `guide_net_kwargs`) trained with the same recipe and seed for `guide_step` steps.
 
-    `label_dropout` (class dropout to the null class) defaults to 0: autoguidance needs no
-    unconditional model, unlike CFG. Re-MeanFlow's stage-1 training teaches the null class to
-    the student itself. `rampup_steps` None means steps // 10; `t_ref_steps` None means no decay.
+    `recipe.label_dropout` (class dropout to the null class) is 0 by default: autoguidance needs
+    no unconditional model, unlike CFG. Re-MeanFlow's stage-1 training teaches the null class to
+    the student itself. The recipe's bounds were checked when it was built.
 
     Nothing is written unless both runs finish with finite losses, gradients and weights: a
     non-finite value raises FloatingPointError naming the step. Returns a summary dict.
     """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
-    if not 1 <= guide_step <= steps:
-        raise ValueError(f"guide_step must lie in [1, steps={steps}], got {guide_step}")
-    if not 0 <= label_dropout < 1:
-        raise ValueError(f"label_dropout must lie in [0, 1), got {label_dropout}")
+    preset, steps, batch_size, guide_step = recipe.preset, recipe.steps, recipe.batch_size, recipe.guide_step
+    lr_ref, rampup_steps, ema_std = recipe.lr_ref, recipe.rampup_steps, recipe.ema_std
+    P_mean, P_std, label_dropout = recipe.P_mean, recipe.P_std, recipe.label_dropout
     device = torch.device(device)
     net = _seeded_build(preset, dict(net_kwargs or {}), seed, device)
     data = _load_data(images, labels, net, max_in_memory_bytes)

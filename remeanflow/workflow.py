@@ -1,8 +1,9 @@
 """Glue between Snakemake `script:` entry points and the library.
 
 Every workflow script is `with step(snakemake) as s: <call one library function>`. The context
-manager sends logging to the rule's log file, times the step, and on success writes a provenance
-sidecar for every output; on failure it writes nothing (outputs are created atomically by the
+manager sends logging to the rule's log file, sets the rule's thread count, gives the script the
+typed settings (`s.settings`), times the step, and on success writes a provenance sidecar for every
+output; on failure it writes nothing (outputs are created atomically by the
 library, so Snakemake sees no complete-looking file either).
 """
 
@@ -16,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import provenance
+from . import settings as settings_mod
 
 log = logging.getLogger("remeanflow")
+SCRIPTS = Path(__file__).resolve().parent.parent / "workflow_scripts"
 
 
 def _named(namedlist) -> dict[str, list[str]]:
@@ -47,7 +50,8 @@ def setup_logging(log_file=None, level=logging.INFO) -> None:
 @dataclass
 class StepContext:
     smk: object
-    config: dict
+    settings: settings_mod.Settings  # the whole validated config, typed
+    config: dict  # what enters this rule (`settings.rule_config`): recorded and hashed in the sidecars
     seeds: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
@@ -64,17 +68,26 @@ class StepContext:
         return int(getattr(self.smk, "threads", 1) or 1)
 
 
-@contextlib.contextmanager
-def step(smk, *, config: dict | None = None, seeds: dict | None = None, code_modules: list[str] | None = None,
-         outputs: list[str] | None = None):
-    """Run one rule's body with logging, timing and provenance.
+def step_params(rule: str, script: str, config: dict) -> dict:
+    """The one `params:` value of a rule: the settings that enter it and the code version of its
+    script (`provenance.script_code_hash`). Snakemake reruns the rule when either changes."""
+    return {
+        "settings": settings_mod.rule_config(settings_mod.load(config), rule),
+        "code": provenance.script_code_hash(SCRIPTS / f"{script}.py"),
+    }
 
-    `config` is the config subset the rule depends on (default: `params.cfg`); `outputs` limits
-    which outputs get sidecars (default: all).
+
+@contextlib.contextmanager
+def step(smk, *, outputs: list[str] | None = None):
+    """Run one rule's body with logging, the rule's thread count, timing and provenance.
+
+    `outputs` limits which outputs get sidecars (default: all).
     """
     setup_logging(smk.log[0] if len(smk.log) else None)
-    cfg = config if config is not None else dict(getattr(smk.params, "cfg", {}) or {})
-    ctx = StepContext(smk=smk, config=cfg, seeds=dict(seeds or {}))
+    if "torch" in sys.modules:  # the data rules' environment need not have torch
+        sys.modules["torch"].set_num_threads(int(getattr(smk, "threads", 1) or 1))
+    params = smk.params.step
+    ctx = StepContext(smk=smk, settings=settings_mod.load(smk.config), config=params["settings"])
     started, t0 = provenance.now(), time.time()
     log.info("rule %s started; outputs: %s", smk.rule, list(smk.output))
     try:
@@ -86,6 +99,6 @@ def step(smk, *, config: dict | None = None, seeds: dict | None = None, code_mod
     for out in outputs if outputs is not None else list(smk.output):
         provenance.write(
             out, rule=smk.rule, config=ctx.config, inputs=_named(smk.input), wildcards=dict(smk.wildcards.items()),
-            seeds=ctx.seeds, started=started, code_modules=code_modules, extra=ctx.extra,
+            seeds=ctx.seeds, started=started, rule_code_hash=params["code"], extra=ctx.extra,
         )
     log.info("rule %s finished in %.1f s", smk.rule, time.time() - t0)

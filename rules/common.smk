@@ -1,24 +1,34 @@
-# Shared helpers: config validation, run paths, per-rule resources and code versions.
+# Shared helpers: config validation, typed settings, run paths, per-rule resources and params.
 import shlex
 import sys
-from pathlib import Path
 
 from remeanflow import config as rmf_config
-from remeanflow import provenance as rmf_prov
+from remeanflow import settings as rmf_settings
+from remeanflow.workflow import step_params
 
-rmf_config.validate(config)
+# The complete config (missing keys filled with their defaults): job scripts read it too.
+_validated = rmf_config.validate(config)
+config.clear()
+config.update(_validated)
+S = rmf_settings.load(config)
 
-RUN = f"{config['results_dir']}/{config['run_name']}"
+RUN = f"{S.results_dir}/{S.run_name}"
 PYTHON = shlex.quote(sys.executable)
 
 
+wildcard_constraints:
+    shard=r"\d{5}",
+    stage=r"stage[12]",
+    ckpt=r"stage[12](-step\d+)?",
+
+
 def res(group, key):
-    return rmf_config.rule_resources(config, group)[key]
+    return getattr(S.resources_of(group), key)
 
 
-def code(*modules):
-    """Hash of the library modules a rule runs; a params value, so editing them reruns the rule."""
-    return rmf_prov.code_hash(list(modules))
+def params_of(rule, script=None):
+    """The rule's one params value: the settings that enter it and its script's code version."""
+    return step_params(rule, script or rule, config)
 
 
 def shards(n):
@@ -26,35 +36,7 @@ def shards(n):
 
 
 def dataset_archive():
-    return f"{RUN}/data/raw/{config['dataset']['archive_name']}"
-
-
-def dataset_source():
-    """The toy archive (made by `toy_source`) through file://, or the configured source."""
-    if config["dataset"]["toy"] is not None:
-        return (
-            f"file://{Path(RUN).resolve()}/source/{config['dataset']['archive_name']}"
-        )
-    if not config["dataset"]["source"]:
-        raise ValueError(
-            "config key dataset.source must be set when dataset.toy is null"
-        )
-    return config["dataset"]["source"]
-
-
-def train_cfg(stage):
-    """Config subset of one training stage: shared keys, the stage's own, and what the couplings were made with."""
-    keys = [k for k in config["train"] if k not in ("stage1", "stage2", "processes")]
-    return {
-        **{k: config["train"][k] for k in keys},
-        **config["train"][stage],
-        "seed": config["seed"],
-        "couplings_seed": config["seed"],
-        "sampler": {
-            k: config["couplings"][k]
-            for k in ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
-        },
-    }
+    return f"{RUN}/data/raw/{S.dataset.archive_name}"
 
 
 def final_targets():

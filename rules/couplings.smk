@@ -16,14 +16,7 @@ rule reflow_index:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
     params:
-        cfg={
-            **{
-                k: config["couplings"][k]
-                for k in ("index_mode", "passes", "num_samples")
-            },
-            "seed": config["seed"],
-        },
-        code=code("reflow_index"),
+        step=params_of("reflow_index"),
     script:
         "../workflow_scripts/reflow_index.py"
 
@@ -47,9 +40,8 @@ rule couplings_shard:
         runtime=res("couplings", "runtime"),
         gpu=res("couplings", "gpu"),
     params:
-        cfg={**config["couplings"], "seed": config["seed"]},
+        step=params_of("couplings_shard"),
         work=lambda wc: f"{RUN}/reflow/work/shard-{wc.shard}.zarr",
-        code=code("coupling_job", "couplings", "sampling", "networks", "checkpoints"),
     script:
         "../workflow_scripts/couplings_shard.py"
 
@@ -59,7 +51,7 @@ rule couplings_merge:
         index=f"{RUN}/reflow/index.zarr",
         shards=expand(
             f"{RUN}/reflow/couplings/shard-{{shard}}.zarr",
-            shard=shards(config["couplings"]["num_shards"]),
+            shard=shards(S.couplings.num_shards),
         ),
     output:
         f"{RUN}/reflow/manifest.json",
@@ -74,10 +66,6 @@ rule couplings_merge:
         mem_mb=res("couplings", "mem_mb"),
         runtime=res("couplings", "runtime"),
     params:
-        cfg={
-            k: config["couplings"][k]
-            for k in ("truncation_quantile", "fixed_threshold")
-        },
-        code=code("couplings"),
+        step=params_of("couplings_merge"),
     script:
         "../workflow_scripts/couplings_merge.py"

@@ -1,11 +1,11 @@
 # Stage: dataset. Toy archive (default only) -> download (checksummed) -> sharded preprocess.
 
 
-if config["dataset"]["toy"] is not None:
+if S.dataset.toy is not None:
 
     rule toy_source:
         output:
-            f"{RUN}/source/{config['dataset']['archive_name']}",
+            f"{RUN}/source/{S.dataset.archive_name}",
         log:
             f"{RUN}/logs/toy_source.log",
         benchmark:
@@ -17,17 +17,14 @@ if config["dataset"]["toy"] is not None:
             mem_mb=res("default", "mem_mb"),
             runtime=res("default", "runtime"),
         params:
-            cfg=config["dataset"]["toy"],
-            code=code("data.toy"),
+            step=params_of("toy_source"),
         script:
             "../workflow_scripts/toy_source.py"
 
 
 rule download_dataset:
     input:
-        [f"{RUN}/source/{config['dataset']['archive_name']}"]
-        if config["dataset"]["toy"]
-        else [],
+        [f"{RUN}/source/{S.dataset.archive_name}"] if S.dataset.toy else [],
     output:
         archive=dataset_archive(),
         checksum=dataset_archive() + ".sha256",
@@ -42,8 +39,7 @@ rule download_dataset:
         mem_mb=res("default", "mem_mb"),
         runtime=res("preprocess", "runtime"),
     params:
-        cfg={"source": dataset_source(), "sha256": config["dataset"]["sha256"]},
-        code=code("data.download"),
+        step=params_of("download_dataset"),
     script:
         "../workflow_scripts/download_dataset.py"
 
@@ -64,16 +60,7 @@ rule preprocess_shard:
         mem_mb=res("preprocess", "mem_mb"),
         runtime=res("preprocess", "runtime"),
     params:
-        cfg={
-            k: config["dataset"][k]
-            for k in (
-                "resolution",
-                "preprocess_shards",
-                "max_bad_fraction",
-                "decode_workers",
-            )
-        },
-        code=code("data"),
+        step=params_of("preprocess_shard"),
     script:
         "../workflow_scripts/preprocess_shard.py"
 
@@ -82,7 +69,7 @@ rule preprocess_merge:
     input:
         parts=expand(
             f"{RUN}/data/parts/part-{{shard}}.zarr",
-            shard=shards(config["dataset"]["preprocess_shards"]),
+            shard=shards(S.dataset.preprocess_shards),
         ),
     output:
         images=directory(f"{RUN}/data/images.zarr"),
@@ -98,7 +85,6 @@ rule preprocess_merge:
         mem_mb=res("preprocess", "mem_mb"),
         runtime=res("preprocess", "runtime"),
     params:
-        cfg={"resolution": config["dataset"]["resolution"]},
-        code=code("data"),
+        step=params_of("preprocess_merge"),
     script:
         "../workflow_scripts/preprocess_merge.py"

@@ -8,16 +8,16 @@
 # (train/work/stage1/snapshots/ema-step-00000004.pt, every train.snapshot_every steps). Any of
 # them is evaluated by asking for results/<run>/eval/<name>/metrics.json.
 
-EVAL = config["evaluate"]
+EVAL = S.evaluate
 # Without Inception weights FID is skipped (the metrics say so); everything else still runs.
-FID = EVAL["inception"]["weights"] is not None
+FID = EVAL.inception.weights is not None
 INCEPTION_WEIGHTS = [f"{RUN}/fid/inception.pth"] if FID else []
 FID_REF_STATS = [f"{RUN}/fid/ref_stats.npz"] if FID else []
 PIXEL_STATS = f"{RUN}/fid/pixel_stats.npz"
-VAE = [EVAL["vae"]] if EVAL["vae"] is not None else []
+VAE = [EVAL.vae] if EVAL.vae is not None else []
 # Reference statistics: computed from the images, or a provided file (a local one is an input,
 # so that replacing it reruns the rule; a URL is fetched by the rule).
-REF_SOURCE = EVAL["ref_stats"]["source"]
+REF_SOURCE = EVAL.ref_stats.source
 REF_INPUTS = (
     {"images": f"{RUN}/data/images.zarr", "weights": INCEPTION_WEIGHTS}
     if REF_SOURCE is None
@@ -54,14 +54,7 @@ rule heldout_couplings:
         runtime=res("evaluate", "runtime"),
         gpu=min(res("evaluate", "gpu"), 1),
     params:
-        cfg={
-            **{k: EVAL[k] for k in ("num_samples", "seed", "batch")},
-            **{
-                k: config["couplings"][k]
-                for k in ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
-            },
-        },
-        code=code("evaluate", "sampling", "networks", "checkpoints"),
+        step=params_of("heldout_couplings"),
     script:
         "../workflow_scripts/heldout_couplings.py"
 
@@ -82,8 +75,7 @@ rule pixel_reference_stats:
         mem_mb=res("evaluate", "mem_mb"),
         runtime=res("evaluate", "runtime"),
     params:
-        cfg={"pixel_resolution": EVAL["pixel_resolution"]},
-        code=code("evaluate", "fid"),
+        step=params_of("pixel_reference_stats"),
     script:
         "../workflow_scripts/pixel_reference_stats.py"
 
@@ -104,8 +96,7 @@ if FID:
             mem_mb=res("default", "mem_mb"),
             runtime=res("default", "runtime"),
         params:
-            cfg=EVAL["inception"],
-            code=code("inception", "fid", "data.download"),
+            step=params_of("fetch_inception"),
         script:
             "../workflow_scripts/fetch_inception.py"
 
@@ -127,8 +118,7 @@ rule fid_reference_stats:
         runtime=res("evaluate", "runtime"),
         gpu=min(res("evaluate", "gpu"), 1),
     params:
-        cfg={**EVAL["ref_stats"], "batch": EVAL["batch"]},
-        code=code("evaluate", "inception", "fid", "data.download"),
+        step=params_of("fid_reference_stats"),
     script:
         "../workflow_scripts/fid_reference_stats.py"
 
@@ -145,9 +135,6 @@ rule evaluate_shard:
         f"{RUN}/logs/evaluate/{{ckpt}}/shard-{{shard}}.log",
     benchmark:
         f"{RUN}/benchmarks/evaluate/{{ckpt}}/shard-{{shard}}.tsv"
-    wildcard_constraints:
-        ckpt=r"stage[12](-step\d+)?",
-        shard=r"\d{5}",
     conda:
         "../envs/torch.yaml"
     threads: res("evaluate", "threads")
@@ -156,12 +143,7 @@ rule evaluate_shard:
         runtime=res("evaluate", "runtime"),
         gpu=min(res("evaluate", "gpu"), 1),
     params:
-        cfg={
-            k: EVAL[k]
-            for k in ("fid_samples", "shards", "seed", "batch", "pixel_resolution")
-        }
-        | {"inception_sha256": EVAL["inception"]["sha256"]},
-        code=code("evaluate", "inception", "vae", "fid", "sampling", "networks"),
+        step=params_of("evaluate_shard"),
     script:
         "../workflow_scripts/evaluate_shard.py"
 
@@ -171,7 +153,7 @@ rule evaluate_merge:
         net=EVAL_NET,
         shards=expand(
             f"{RUN}/eval/{{{{ckpt}}}}/shards/shard-{{shard}}.npz",
-            shard=shards(EVAL["shards"]),
+            shard=shards(EVAL.shards),
         ),
         heldout=f"{RUN}/eval/heldout.npz",
         images=f"{RUN}/data/images.zarr",
@@ -186,8 +168,6 @@ rule evaluate_merge:
         f"{RUN}/logs/evaluate/{{ckpt}}/merge.log",
     benchmark:
         f"{RUN}/benchmarks/evaluate/{{ckpt}}/merge.tsv"
-    wildcard_constraints:
-        ckpt=r"stage[12](-step\d+)?",
     conda:
         "../envs/torch.yaml"
     threads: res("evaluate", "threads")
@@ -196,11 +176,6 @@ rule evaluate_merge:
         runtime=res("evaluate", "runtime"),
         gpu=min(res("evaluate", "gpu"), 1),
     params:
-        cfg={
-            k: EVAL[k]
-            for k in ("batch", "grid_per_class", "pixel_resolution", "fid_samples")
-        }
-        | {"ref_stats_provided": EVAL["ref_stats"]["source"] is not None},
-        code=code("evaluate", "inception", "vae", "fid", "sampling", "networks"),
+        step=params_of("evaluate_merge"),
     script:
         "../workflow_scripts/evaluate_merge.py"

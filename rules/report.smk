@@ -31,8 +31,6 @@ rule report_stage:
         f"{RUN}/logs/report_stage/{{stage}}.log",
     benchmark:
         f"{RUN}/benchmarks/report_stage/{{stage}}.tsv"
-    wildcard_constraints:
-        stage="stage[12]",
     conda:
         "../envs/data.yaml"
     threads: 1
@@ -40,11 +38,7 @@ rule report_stage:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
     params:
-        cfg=lambda wc: {
-            "stage": wc.stage,
-            "grad_clip": config["train"][wc.stage]["grad_clip"],
-        },
-        code=code("report", "provenance", "fileio"),
+        step=params_of("report_stage", "report"),
     script:
         "../workflow_scripts/report.py"
 
@@ -52,11 +46,7 @@ rule report_stage:
 rule report:
     input:
         # a fetched teacher (published checkpoints) has no training log
-        teacher=(
-            [f"{RUN}/teacher/metrics.csv"]
-            if config["teacher"]["mode"] == "train"
-            else []
-        ),
+        teacher=([f"{RUN}/teacher/metrics.csv"] if S.teacher.mode == "train" else []),
         manifest=f"{RUN}/reflow/manifest.json",
         metrics=expand(f"{RUN}/eval/{{stage}}/metrics.json", stage=REPORT_STAGES),
         train=expand(f"{RUN}/train/{{stage}}/metrics.csv", stage=REPORT_STAGES),
@@ -93,7 +83,7 @@ rule report:
         mem_mb=res("default", "mem_mb"),
         runtime=res("default", "runtime"),
     params:
-        cfg={"run_name": config["run_name"], "stages": REPORT_STAGES},
-        code=code("report", "provenance", "fileio"),
+        step=params_of("report", "report"),
+        stages=REPORT_STAGES,
     script:
         "../workflow_scripts/report.py"

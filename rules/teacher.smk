@@ -2,7 +2,7 @@
 # pickles (main + autoguidance guide). Both produce teacher/net.pt and teacher/guide.pt.
 
 
-if config["teacher"]["mode"] == "train":
+if S.teacher.mode == "train":
 
     rule train_teacher:
         input:
@@ -23,12 +23,7 @@ if config["teacher"]["mode"] == "train":
             runtime=res("teacher", "runtime"),
             gpu=res("teacher", "gpu"),
         params:
-            cfg={
-                **config["teacher"]["train"],
-                "seed": config["seed"],
-                "resolution": config["dataset"]["resolution"],
-            },
-            code=code("networks", "teacher", "checkpoints"),
+            step=params_of("train_teacher"),
         script:
             "../workflow_scripts/train_teacher.py"
 
@@ -51,7 +46,6 @@ else:
             mem_mb=res("teacher", "mem_mb"),
             runtime=res("teacher", "runtime"),
         params:
-            cfg=config["teacher"]["fetch"],
-            code=code("networks", "edm2_pickle", "checkpoints", "data.download"),
+            step=params_of("fetch_teacher"),
         script:
             "../workflow_scripts/fetch_teacher.py"

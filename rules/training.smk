@@ -21,8 +21,7 @@ rule init_time_embedding:
         runtime=res("train", "runtime"),
         gpu=min(res("train", "gpu"), 1),
     params:
-        cfg={**config["time_embedding"], "seed": config["seed"]},
-        code=code("time_embedding", "networks", "checkpoints"),
+        step=params_of("init_time_embedding"),
     script:
         "../workflow_scripts/init_time_embedding.py"
 
@@ -49,25 +48,15 @@ rule train_stage1:
         runtime=res("train", "runtime"),
         gpu=res("train", "gpu"),
     params:
-        cfg=train_cfg("stage1"),
+        step=params_of("train_stage1", "train_stage"),
         stage=1,
         work=f"{RUN}/train/work/stage1",
-        processes=config["train"]["processes"],
-        code=code(
-            "train",
-            "accel",
-            "loader",
-            "meanflow",
-            "networks",
-            "checkpoints",
-            "couplings",
-            "launch",
-        ),
     script:
         "../workflow_scripts/train_stage.py"
 
 
-rule train_stage2:
+# Stage 2 continues from stage 1's train_state.pt; everything else is stage 1's rule.
+use rule train_stage1 as train_stage2 with:
     input:
         manifest=f"{RUN}/reflow/manifest.json",
         init=f"{RUN}/train/stage1/train_state.pt",
@@ -81,27 +70,7 @@ rule train_stage2:
         f"{RUN}/logs/train_stage2.log",
     benchmark:
         f"{RUN}/benchmarks/train_stage2.tsv"
-    conda:
-        "../envs/torch.yaml"
-    threads: res("train", "threads")
-    resources:
-        mem_mb=res("train", "mem_mb"),
-        runtime=res("train", "runtime"),
-        gpu=res("train", "gpu"),
     params:
-        cfg=train_cfg("stage2"),
+        step=params_of("train_stage2", "train_stage"),
         stage=2,
         work=f"{RUN}/train/work/stage2",
-        processes=config["train"]["processes"],
-        code=code(
-            "train",
-            "accel",
-            "loader",
-            "meanflow",
-            "networks",
-            "checkpoints",
-            "couplings",
-            "launch",
-        ),
-    script:
-        "../workflow_scripts/train_stage.py"

@@ -1,4 +1,5 @@
-"""Tests of remeanflow.evaluate on tiny nets: held-out couplings, pixel statistics, metrics, grid."""
+"""Tests of the evaluation modules on tiny nets: held-out couplings (`heldout`), pixel statistics
+(`reference_stats`), metrics and sharded FID sampling (`evaluate`), the sample grid (`figures`)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,17 @@ import torch
 import zarr
 from PIL import Image
 
-from remeanflow import checkpoints, evaluate, fid, inception, networks, sampling
+from remeanflow import (
+    checkpoints,
+    evaluate,
+    fid,
+    figures,
+    heldout,
+    inception,
+    networks,
+    reference_stats,
+    sampling,
+)
 from remeanflow.data import preprocess
 from remeanflow.fileio import sha256_file
 from remeanflow.misc import uint8_to_float
@@ -53,7 +64,7 @@ def setup(tmp_path_factory):
     for seed, (name, path) in enumerate(paths.items()):
         checkpoints.save_net(path, tiny_net(seed))
     paths["heldout"] = root / "heldout.npz"
-    evaluate.make_heldout(paths["teacher"], paths["guide"], paths["heldout"], **HELDOUT)
+    heldout.make_heldout(paths["teacher"], paths["guide"], paths["heldout"], **HELDOUT)
     rng = np.random.default_rng(0)
     labels = np.repeat(np.arange(CLASSES), 5).astype(np.int32)
     images = rng.integers(0, 256, size=(len(labels), 3, 8, 8), dtype=np.uint8)
@@ -64,7 +75,7 @@ def setup(tmp_path_factory):
 
 def test_make_heldout_is_deterministic_and_matches_the_samplers(setup, tmp_path):
     paths, _ = setup
-    h = evaluate.load_heldout(paths["heldout"])
+    h = heldout.load_heldout(paths["heldout"])
     ids = np.arange(HELDOUT["num_samples"])
     noise = sampling.per_sample_noise(HELDOUT["seed"], ids, (3, 8, 8))
     labels = sampling.per_sample_labels(HELDOUT["seed"], ids, CLASSES)
@@ -83,13 +94,13 @@ def test_make_heldout_is_deterministic_and_matches_the_samplers(setup, tmp_path)
     assert not np.allclose(h.teacher_1step, h.teacher_endpoint, atol=1e-2)  # really different solvers
 
     again = tmp_path / "again.npz"
-    evaluate.make_heldout(paths["teacher"], paths["guide"], again, **HELDOUT)
-    h2 = evaluate.load_heldout(again)
-    for key in evaluate.HELDOUT_ARRAYS:
+    heldout.make_heldout(paths["teacher"], paths["guide"], again, **HELDOUT)
+    h2 = heldout.load_heldout(again)
+    for key in heldout.HELDOUT_ARRAYS:
         assert np.array_equal(getattr(h, key), getattr(h2, key)), key
     other = tmp_path / "other.npz"
-    evaluate.make_heldout(paths["teacher"], paths["guide"], other, **dict(HELDOUT, seed=8, num_samples=4))
-    assert not np.allclose(evaluate.load_heldout(other).noise, h.noise[:4])
+    heldout.make_heldout(paths["teacher"], paths["guide"], other, **dict(HELDOUT, seed=8, num_samples=4))
+    assert not np.allclose(heldout.load_heldout(other).noise, h.noise[:4])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["again.npz", "other.npz"]  # no temporaries
 
 
@@ -97,9 +108,9 @@ def test_make_heldout_rejects_bad_arguments(setup, tmp_path):
     paths, _ = setup
     out = tmp_path / "h.npz"
     with pytest.raises(ValueError, match="num_classes=9"):
-        evaluate.make_heldout(paths["teacher"], None, out, **dict(HELDOUT, num_classes=9, guidance=1))
+        heldout.make_heldout(paths["teacher"], None, out, **dict(HELDOUT, num_classes=9, guidance=1))
     with pytest.raises(ValueError, match="needs a guide"):
-        evaluate.make_heldout(paths["teacher"], None, out, **HELDOUT)
+        heldout.make_heldout(paths["teacher"], None, out, **HELDOUT)
     assert not out.exists()
 
 
@@ -110,53 +121,53 @@ def test_load_heldout_errors_name_file_and_key(setup, tmp_path):
     bad = tmp_path / "bad.npz"
     np.savez(bad, **{k: v for k, v in arrays.items() if k != "teacher_1step"})
     with pytest.raises(ValueError, match=r"bad\.npz: missing key\(s\) \['teacher_1step'\]"):
-        evaluate.load_heldout(bad)
+        heldout.load_heldout(bad)
     np.savez(bad, **dict(arrays, teacher_endpoint=arrays["teacher_endpoint"][:, :2]))
     with pytest.raises(ValueError, match=r"bad\.npz: 'teacher_endpoint' must be"):
-        evaluate.load_heldout(bad)
+        heldout.load_heldout(bad)
     np.savez(bad, **dict(arrays, attrs=np.array(json.dumps({"format": "other"}))))
     with pytest.raises(ValueError, match="attrs format is 'other'"):
-        evaluate.load_heldout(bad)
+        heldout.load_heldout(bad)
     nan = arrays["teacher_1step"].copy()
     nan[0, 0, 0, 0] = np.nan
     np.savez(bad, **dict(arrays, teacher_1step=nan))
     with pytest.raises(ValueError, match="'teacher_1step' contains NaN"):
-        evaluate.load_heldout(bad)
+        heldout.load_heldout(bad)
 
 
 def test_pixel_stats_of_uint8_and_float_images_agree(setup):
     _, images = setup
-    mu, sigma = evaluate.pixel_stats(images)
-    mu_f, sigma_f = evaluate.pixel_stats(uint8_to_float(images))  # exact round trip through the uint8 grid
+    mu, sigma = reference_stats.pixel_stats(images)
+    mu_f, sigma_f = reference_stats.pixel_stats(uint8_to_float(images))  # exact round trip through the uint8 grid
     assert np.array_equal(mu, mu_f) and np.array_equal(sigma, sigma_f)
     assert mu.shape == (3 * 8 * 8,)
     np.testing.assert_allclose(mu, uint8_to_float(images).reshape(len(images), -1).double().mean(0).numpy())
-    mu_small, sigma_small = evaluate.pixel_stats(images, resolution=4)
+    mu_small, sigma_small = reference_stats.pixel_stats(images, resolution=4)
     assert mu_small.shape == (3 * 4 * 4,) and sigma_small.shape == (48, 48)
     with pytest.raises(ValueError, match=r"\[N, C, H, W\]"):
-        evaluate.pixel_stats(images[0])
+        reference_stats.pixel_stats(images[0])
 
 
 def test_reference_pixel_stats_read_the_store_in_chunks(setup):
     paths, images = setup
     for got, want in [
-        (evaluate.reference_pixel_stats(paths["images"], progress=False), evaluate.pixel_stats(images)),
+        (reference_stats.reference_pixel_stats(paths["images"], progress=False), reference_stats.pixel_stats(images)),
         # 8 of 20 rows, evenly spaced, across chunks of 5: 0, 2, 5, 7, 10, 12, 15, 17.
-        (evaluate.reference_pixel_stats(paths["images"], 8, progress=False),
-         evaluate.pixel_stats(images[[0, 2, 5, 7, 10, 12, 15, 17]])),
+        (reference_stats.reference_pixel_stats(paths["images"], 8, progress=False),
+         reference_stats.pixel_stats(images[[0, 2, 5, 7, 10, 12, 15, 17]])),
     ]:
         np.testing.assert_allclose(got[0], want[0], rtol=1e-12, atol=1e-14)
         np.testing.assert_allclose(got[1], want[1], rtol=1e-9, atol=1e-12)
-    assert evaluate.reference_rows(20, 8).tolist() == [0, 2, 5, 7, 10, 12, 15, 17]
+    assert reference_stats.reference_rows(20, 8).tolist() == [0, 2, 5, 7, 10, 12, 15, 17]
 
 
 def test_perfect_generator_has_zero_error_and_lower_distance_than_noise(setup, tmp_path):
     paths, _ = setup
-    h = evaluate.load_heldout(paths["heldout"])
+    h = heldout.load_heldout(paths["heldout"])
     # Reference: the teacher's own distribution, from a held-out set under another seed.
     ref_path = tmp_path / "ref.npz"
-    evaluate.make_heldout(paths["teacher"], paths["guide"], ref_path, **dict(HELDOUT, seed=99, num_samples=64))
-    ref = evaluate.pixel_stats(evaluate.load_heldout(ref_path).teacher_endpoint)
+    heldout.make_heldout(paths["teacher"], paths["guide"], ref_path, **dict(HELDOUT, seed=99, num_samples=64))
+    ref = reference_stats.pixel_stats(heldout.load_heldout(ref_path).teacher_endpoint)
     perfect = evaluate.evaluate_generator("perfect", h.teacher_endpoint, h, ref, nfe=5)
     assert perfect == dict(name="perfect", fd_pixels=perfect["fd_pixels"], mse_vs_teacher=0.0, nfe=5, num_samples=24)
     noisy = evaluate.evaluate_generator("noise", h.noise, paths["heldout"], ref, nfe=0)
@@ -170,7 +181,7 @@ def test_perfect_generator_has_zero_error_and_lower_distance_than_noise(setup, t
 def test_save_grid_layout(tmp_path):
     images = torch.full((5, 3, 2, 2), -1.0)
     images[4] = 1.0  # last image white: row 1, column 1 of a 4-wide grid
-    size = evaluate.save_grid(images, tmp_path / "g.png", nrow=4, scale=3, pad=1, pad_value=128)
+    size = figures.save_grid(images, tmp_path / "g.png", nrow=4, scale=3, pad=1, pad_value=128)
     pixels = np.asarray(Image.open(tmp_path / "g.png"))
     # 4 columns and 2 rows of 6 px tiles, 1 px separators and frame.
     assert size == (4 * 6 + 5, 2 * 6 + 3) and pixels.shape == (15, 29, 3)
@@ -178,7 +189,7 @@ def test_save_grid_layout(tmp_path):
     assert (pixels[0] == 128).all() and (pixels[:, 7] == 128).all()
     assert (pixels[8:14, 8:14] == 128).all()  # an empty cell stays separator-coloured
     with pytest.raises(ValueError, match="1 or 3"):
-        evaluate.save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png", nrow=2)
+        figures.save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png", nrow=2)
     assert not (tmp_path / "bad.png").exists()
 
 
@@ -197,11 +208,11 @@ def test_evaluate_checkpoint_writes_metrics_and_grid(setup, tmp_path):
     assert [rows[k]["nfe"] for k in rows] == [1, 1, 1, 5]
     assert all(np.isfinite(r["fd_pixels"]) and r["fd_pixels"] >= 0 for r in rows.values())
 
-    h = evaluate.load_heldout(paths["heldout"])
+    h = heldout.load_heldout(paths["heldout"])
     teacher = checkpoints.load_net(paths["teacher"])["net"]
     with torch.inference_mode():
         one_step = sampling.one_step(teacher, torch.from_numpy(h.noise), torch.from_numpy(h.labels)).numpy()
-    ref = evaluate.reference_pixel_stats(paths["images"], progress=False)
+    ref = reference_stats.reference_pixel_stats(paths["images"], progress=False)
     want = evaluate.evaluate_generator("one_step", one_step, h, ref, nfe=1)
     assert rows["one_step"]["mse_vs_teacher"] == pytest.approx(want["mse_vs_teacher"], rel=1e-5)
     assert rows["one_step"]["fd_pixels"] == pytest.approx(want["fd_pixels"], rel=1e-3)
@@ -278,7 +289,7 @@ def test_one_and_four_shards_give_the_same_samples_features_and_distances(setup,
     Fréchet distance costs seconds). The pixel distance is compared here."""
     paths, _ = setup
     pix = tmp_path / "pix.npz"
-    fid.save_stats(pix, *evaluate.reference_pixel_stats(paths["images"], progress=False))
+    fid.save_stats(pix, *reference_stats.reference_pixel_stats(paths["images"], progress=False))
     for d in ("one", "four"):
         (tmp_path / d).mkdir()
     one = _shards(setup, tmp_path / "one", 1, inception_weights=inception_weights)
@@ -299,7 +310,7 @@ def test_one_and_four_shards_give_the_same_samples_features_and_distances(setup,
     assert np.array_equal(a.labels, labels.numpy())
     model = inception.load_inception(inception_weights, device="cpu")
     np.testing.assert_allclose(a.features["inception"], inception.extract_features(model, x), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(a.features["pixels"], evaluate.pixel_features(x), atol=1e-6)
+    np.testing.assert_allclose(a.features["pixels"], reference_stats.pixel_features(x), atol=1e-6)
 
     # Pixel-only shards (no Inception weights): the same distance for 1 and 4 shards, FID skipped.
     for d in ("p1", "p4"):
@@ -318,8 +329,8 @@ def test_one_and_four_shards_give_the_same_samples_features_and_distances(setup,
     assert metrics["sampled"] == m4 and metrics["fid"] is None and evaluate.FID_SKIPPED in metrics["notes"]
     assert metrics["reference"]["stats"] == str(pix)
     rows = {r["name"]: r for r in metrics["rows"]}
-    heldout = evaluate.load_heldout(paths["heldout"])
-    want = evaluate.evaluate_generator("x", heldout.teacher_endpoint, heldout, fid.load_stats(pix), nfe=5)
+    h = heldout.load_heldout(paths["heldout"])
+    want = evaluate.evaluate_generator("x", h.teacher_endpoint, h, fid.load_stats(pix), nfe=5)
     assert rows["teacher_endpoint"]["fd_pixels"] == pytest.approx(want["fd_pixels"], rel=1e-9)
     with pytest.raises(ValueError, match="sampled metrics are of net sha256"):
         evaluate.evaluate_checkpoint(
@@ -332,8 +343,8 @@ def test_one_and_four_shards_give_the_same_samples_features_and_distances(setup,
 def test_reference_inception_stats_stream_the_store(setup, inception_weights):
     paths, images = setup
     model = inception.load_inception(inception_weights, device="cpu")
-    rows = evaluate.reference_rows(len(images), 4)  # evenly spaced, across chunks of 5
-    got = evaluate.reference_inception_stats(paths["images"], model, 4, batch=3, progress=False)
+    rows = reference_stats.reference_rows(len(images), 4)  # evenly spaced, across chunks of 5
+    got = reference_stats.reference_inception_stats(paths["images"], model, 4, batch=3, progress=False)
     want = fid.gaussian_stats(inception.extract_features(model, images[rows]))
     np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-6)

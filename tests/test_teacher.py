@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 import zarr
 
 from remeanflow import checkpoints, misc, networks, teacher
+from remeanflow.settings import TeacherTrainSettings
 
 TINY = dict(img_channels=3, label_dim=2)  # 'tiny' preset (8x8) reshaped for RGB, 2 classes
 
@@ -37,12 +39,15 @@ def random_tiny_net(seed: int = 0) -> networks.Precond:
 
 
 def run(tmp_path, images, labels, name="run", **kwargs):
-    args = dict(
-        preset="tiny", net_kwargs=TINY, steps=3, batch_size=8, guide_step=2, progress=False,
-        out_main=tmp_path / f"{name}-main.pt", out_guide=tmp_path / f"{name}-guide.pt",
-    )
+    recipe = dict(preset="tiny", steps=3, batch_size=8, guide_step=2)
+    recipe.update((k, kwargs.pop(k)) for k in list(kwargs) if k in RECIPE_KEYS)
+    args = dict(net_kwargs=TINY, progress=False, out_main=tmp_path / f"{name}-main.pt",
+                out_guide=tmp_path / f"{name}-guide.pt")
     args.update(kwargs)
-    return teacher.train_teacher(images, labels, **args)
+    return teacher.train_teacher(images, labels, TeacherTrainSettings(**recipe), **args)
+
+
+RECIPE_KEYS = {f.name for f in dataclasses.fields(TeacherTrainSettings)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from remeanflow import checkpoints, evaluate, networks, sampling, vae
+from remeanflow import checkpoints, evaluate, networks, reference_stats, sampling, vae
 
 diffusers = pytest.importorskip("diffusers", reason="the 'vae' extra (diffusers) is not installed")
 
@@ -40,7 +40,7 @@ def test_raw_latents_undo_edm2_scaling():
     z = torch.randn(3, 4, 5, 5, generator=torch.Generator().manual_seed(1))
     raw = vae.raw_latents(z, SETTINGS)
     mean, std = torch.tensor(SETTINGS["raw_mean"]), torch.tensor(SETTINGS["raw_std"])
-    # DESIGN.md §3 / EDM2 decode: raw = (z - final_mean) / final_std * raw_std + raw_mean, no 0.18215.
+    # docs/method.md / EDM2 decode: raw = (z - final_mean) / final_std * raw_std + raw_mean, no 0.18215.
     torch.testing.assert_close(raw, z / 0.5 * std.view(1, 4, 1, 1) + mean.view(1, 4, 1, 1), rtol=1e-5, atol=1e-5)
     # ... the exact inverse of EDM2's encode_latents (raw * scale + bias, float32).
     scale, bias = vae.latent_scaling(SETTINGS)
@@ -111,7 +111,7 @@ def test_sample_shard_of_a_latent_net_decodes_through_the_vae(vae_dir, tmp_path)
     labels = sampling.per_sample_labels(9, ids, 4)
     with torch.inference_mode():
         pixels = vae.make_decoder(SETTINGS, vae_dir)(sampling.one_step(net.eval(), noise, labels))
-    np.testing.assert_allclose(merged.features["pixels"], evaluate.pixel_features(pixels, 4), atol=2 / 127.5)
+    np.testing.assert_allclose(merged.features["pixels"], reference_stats.pixel_features(pixels, 4), atol=2 / 127.5)
     assert np.array_equal(merged.labels, labels.numpy())
 
     # Without a VAE: nothing to compare in pixels (noted), and FID (Inception) is impossible.

@@ -3,9 +3,9 @@
 from remeanflow.couplings import merge_shards
 from remeanflow.workflow import step
 
-with step(snakemake) as s:  # noqa: F821
-    manifest = merge_shards(
-        list(snakemake.input.shards), snakemake.output[0], index_store=snakemake.input.index,  # noqa: F821
-        quantile=s.config["truncation_quantile"], fixed_threshold=s.config["fixed_threshold"],
-    )
+smk = snakemake  # noqa: F821
+with step(smk) as s:
+    c = s.settings.couplings
+    manifest = merge_shards(list(smk.input.shards), smk.output[0], index_store=smk.input.index,
+                            quantile=c.truncation_quantile, fixed_threshold=c.fixed_threshold)
     s.extra["truncation"] = manifest["truncation"]

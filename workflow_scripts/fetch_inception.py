@@ -5,5 +5,6 @@ from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821
 with step(smk) as s:
-    s.extra["sha256"] = fetch_weights(s.config["weights"], smk.output[0], s.config["sha256"])
-    s.extra["source"] = s.config["weights"]
+    inception = s.settings.evaluate.inception
+    s.extra["sha256"] = fetch_weights(inception.weights, smk.output[0], inception.sha256)
+    s.extra["source"] = inception.weights

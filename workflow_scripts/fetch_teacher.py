@@ -4,14 +4,16 @@ from remeanflow.checkpoints import load_edm2_pickle, save_net
 from remeanflow.data.download import download
 from remeanflow.workflow import step
 
-out = snakemake.output  # noqa: F821
-with step(snakemake) as s:  # noqa: F821
+smk = snakemake  # noqa: F821
+with step(smk) as s:
+    fetch = s.settings.teacher.fetch
     for role in ("main", "guide"):
-        if not s.config[role]:
+        source, sha256 = getattr(fetch, role), getattr(fetch, f"{role}_sha256")
+        if not source:
             raise ValueError(f"config key teacher.fetch.{role} must name an EDM2 pickle (URL or path)")
-        pkl = out[f"{role}_pkl"]
-        digest = download(s.config[role], pkl, sha256=s.config[f"{role}_sha256"])
+        pkl = smk.output[f"{role}_pkl"]
+        digest = download(source, pkl, sha256=sha256)
         loaded = load_edm2_pickle(pkl)
-        save_net(out[role], loaded["net"], encoder=loaded["encoder"],
-                 meta={"role": role, "source": s.config[role], "source_sha256": digest})
+        save_net(smk.output[role], loaded["net"], encoder=loaded["encoder"],
+                 meta={"role": role, "source": source, "source_sha256": digest})
         s.extra[f"{role}_sha256"] = digest

@@ -3,5 +3,6 @@
 from remeanflow.data.preprocess import merge_shards
 from remeanflow.workflow import step
 
-with step(snakemake) as s:  # noqa: F821
-    s.extra["report"] = merge_shards(list(snakemake.input.parts), snakemake.output.images, snakemake.output.labels)  # noqa: F821
+smk = snakemake  # noqa: F821
+with step(smk) as s:
+    s.extra["report"] = merge_shards(list(smk.input.parts), smk.output.images, smk.output.labels)

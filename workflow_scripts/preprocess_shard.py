@@ -6,10 +6,10 @@ from remeanflow.workflow import step
 
 def main(smk) -> None:
     with step(smk) as s:
+        dataset = s.settings.dataset
         s.extra["report"] = preprocess_shard(
-            smk.input.archive, smk.output[0], shard=int(smk.wildcards.shard),
-            num_shards=s.config["preprocess_shards"], resolution=s.config["resolution"],
-            workers=s.config["decode_workers"], max_bad_fraction=s.config["max_bad_fraction"],
+            smk.input.archive, smk.output[0], shard=int(smk.wildcards.shard), num_shards=dataset.preprocess_shards,
+            resolution=dataset.resolution, workers=dataset.decode_workers, max_bad_fraction=dataset.max_bad_fraction,
         )
 
 

@@ -9,19 +9,21 @@ smk = snakemake  # noqa: F821
 
 
 def report_stage(s) -> dict:
+    stage = smk.wildcards.stage
     return report.stage_figures(
-        smk.input.train, smk.input.grid, smk.input.manifest, smk.output.training, smk.output.samples, **s.config,
+        smk.input.train, smk.input.grid, smk.input.manifest, smk.output.training, smk.output.samples, stage=stage,
+        grad_clip=s.settings.train.stage(int(stage.removeprefix("stage"))).grad_clip,
     )
 
 
 def report_page(s) -> dict:
     stages = {
         stage: report.StageInputs(eval_metrics=m, train_metrics=t, samples_png=g, training_png=c)
-        for stage, m, t, g, c in zip(s.config["stages"], smk.input.metrics, smk.input.train, smk.input.samples,
+        for stage, m, t, g, c in zip(smk.params.stages, smk.input.metrics, smk.input.train, smk.input.samples,
                                      smk.input.training, strict=True)
     }
     return report.build_report(
-        smk.output.html, smk.output.teacher, smk.output.couplings, run_name=s.config["run_name"],
+        smk.output.html, smk.output.teacher, smk.output.couplings, run_name=s.settings.run_name,
         teacher_metrics=next(iter(smk.input.teacher), None), manifest=smk.input.manifest, stages=stages,
         root=Path(smk.output.html).parent.parent,  # <run>/report/index.html: table paths relative to <run>
     )

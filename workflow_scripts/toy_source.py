@@ -4,5 +4,6 @@ from remeanflow.data.toy import write_toy_archive
 from remeanflow.workflow import step
 
 with step(snakemake) as s:  # noqa: F821 - injected by Snakemake
-    s.extra["summary"] = write_toy_archive(snakemake.output[0], **s.config, progress=True)  # noqa: F821
-    s.seeds["toy"] = s.config["seed"]
+    toy = s.settings.dataset.toy
+    s.seeds["toy"] = toy.seed
+    s.extra["summary"] = write_toy_archive(snakemake.output[0], **toy.to_dict(), progress=True)  # noqa: F821

@@ -1,0 +1,596 @@
+"""Typed settings of every stage: the one place that says what each config key is.
+
+Each config section is a frozen dataclass; each field is declared once with `setting(...)`: its
+type (the annotation), default (the paper's value where the paper gives one), bounds or choices,
+a one-line doc, and the rules whose outputs it changes (`rules`, the section's rules when not
+given; `rules=()` for settings that change no result, e.g. how many processes run a job). From
+these declarations come:
+
+* the JSON schema (`json_schema`, written to `schemas/config.schema.yaml` by
+  `python -m remeanflow schema`; a test keeps the two equal),
+* validation with messages that name the key (`config.validate`), after coercing the strings that
+  Snakemake makes of nested `--config` values (`coerce`),
+* each rule's config hash (`rule_config`: the values of every field that enters that rule), the
+  `params:` value that makes Snakemake rerun the rule when one of them changes,
+* the objects the library takes (`load(config).train.stage(1)`, ...).
+
+Adding a setting is one `setting(...)` line here (plus its value in `config.yaml` when the toy
+default differs from the paper's); no rule file names individual settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+import typing
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import yaml
+
+SHA256_PATTERN = "^(sha256:)?[0-9a-fA-F]{64}$"
+
+
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING,
+            ge=None, gt=None, le=None, lt=None, pattern: str | None = None, paper: Any = dataclasses.MISSING,
+            rules: tuple[str, ...] | None = None) -> Any:
+    """A settings field: default (or `factory` for a nested section), one-line doc, bounds
+    (ge/gt/le/lt; for a tuple they bound each item), a regex `pattern` for strings, the paper's
+    value when the default is not it, and the rules it enters (None: the section's `RULES`)."""
+    meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, paper=paper, rules=rules)
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class Section:
+    """Base of every settings dataclass: bounds are checked on construction, whatever built it."""
+
+    RULES: ClassVar[tuple[str, ...]] = ()  # rules whose outputs every field changes by default
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            check_value(type(self).__name__ + "." + f.name, getattr(self, f.name), f.metadata)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (tuples as lists), nested sections as dicts."""
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _plain(value):
+    if isinstance(value, Section):
+        return value.to_dict()
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def check_value(key: str, value: Any, meta: typing.Mapping) -> None:
+    """ValueError naming `key` when `value` (a number, or each item of a tuple) breaks a bound."""
+    items = value if isinstance(value, tuple) else (value,)
+    for v in items:
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        for name, ok in (("ge", v >= (meta.get("ge") or 0)), ("gt", v > (meta.get("gt") or 0)),
+                         ("le", v <= (meta.get("le") or 0)), ("lt", v < (meta.get("lt") or 0))):
+            if meta.get(name) is not None and not ok:
+                raise ValueError(f"config key {key} = {value!r}: must be {_BOUND_WORDS[name]} {meta[name]}")
+
+
+_BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset.
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySettings(Section):
+    """The deterministic toy ImageNet-style archive of the embedded default."""
+
+    RULES = ("toy_source",)
+    num_classes: int = setting(10, "classes (shapes x colours)", ge=2)
+    images_per_class: int = setting(120, "images per class", ge=1)
+    size: int = setting(32, "side of the generated (non-square) JPEGs, px", ge=8)
+    seed: int = setting(0, "generator seed", ge=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSettings(Section):
+    """Download and preprocessing of the train archive (ImageNet layout: a tar of per-class tars)."""
+
+    RULES = ("preprocess_shard", "preprocess_merge")
+    toy: Optional[ToySettings] = setting(None, "generate the toy archive in-pipeline (null for a real dataset)",
+                                         rules=())
+    source: Optional[str] = setting(None, "http(s) URL, file:// URL or local path of the train archive",
+                                    rules=("download_dataset",))
+    archive_name: str = setting("ILSVRC2012_img_train.tar", "file name of the archive under data/raw/",
+                                pattern="^[^/]+$", rules=())
+    sha256: Optional[str] = setting(None, "expected sha256 of the archive (null: not checked)",
+                                    pattern=SHA256_PATTERN, rules=("download_dataset",))
+    resolution: int = setting(64, "ADM center crop to this size, px", ge=8,
+                              rules=("preprocess_shard", "preprocess_merge", "train_teacher"))
+    preprocess_shards: int = setting(20, "preprocess_shard jobs (class ranges)", ge=1,
+                                     rules=("preprocess_shard",))
+    max_bad_fraction: float = setting(1e-4, "undecodable images tolerated (counted and listed) before the rule "
+                                      "fails", ge=0, le=1, rules=("preprocess_shard",))
+    decode_workers: int = setting(16, "JPEG decoding processes per shard job", ge=1, rules=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher.
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherTrainSettings(Section):
+    """The small EDM2 teacher trained in-pipeline (embedded default; EDM2's loss and EMA)."""
+
+    RULES = ("train_teacher",)
+    preset: str = setting("toy-16", "network preset (`networks.PRESETS`)")
+    steps: int = setting(600, "optimiser steps", ge=1)
+    batch_size: int = setting(64, "batch", ge=1)
+    lr_ref: float = setting(0.01, "EDM2 reference learning rate", gt=0)
+    rampup_steps: Optional[int] = setting(None, "learning-rate ramp-up steps (null: steps // 10)", ge=0)
+    guide_step: int = setting(100, "the EMA at this step is kept as the autoguidance guide", ge=1)
+    ema_std: float = setting(0.05, "power-function EMA relative std", gt=0)
+    P_mean: float = setting(-0.4, "log-normal sigma distribution: mean")
+    P_std: float = setting(1.0, "log-normal sigma distribution: std", gt=0)
+    label_dropout: float = setting(0.0, "class dropout to the null class (autoguidance needs no unconditional "
+                                   "model)", ge=0, lt=1)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.guide_step > self.steps:
+            raise ValueError(f"config key teacher.train.guide_step = {self.guide_step}: must lie in [1, steps="
+                             f"{self.steps}] (the guide is the EMA snapshot at that step)")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherFetchSettings(Section):
+    """Published EDM2 pickles (main net + autoguidance guide), converted without running their code."""
+
+    RULES = ("fetch_teacher",)
+    main: Optional[str] = setting(None, "EDM2 pickle URL or path of the main model")
+    main_sha256: Optional[str] = setting(None, "expected sha256 of the main pickle", pattern=SHA256_PATTERN)
+    guide: Optional[str] = setting(None, "EDM2 pickle URL or path of the autoguidance guide")
+    guide_sha256: Optional[str] = setting(None, "expected sha256 of the guide pickle", pattern=SHA256_PATTERN)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSettings(Section):
+    mode: Literal["train", "fetch"] = setting("fetch", "train the toy teacher, or fetch published EDM2 pickles",
+                                              rules=())
+    train: TeacherTrainSettings = setting(factory=TeacherTrainSettings, doc="teacher.mode train", rules=())
+    fetch: TeacherFetchSettings = setting(factory=TeacherFetchSettings, doc="teacher.mode fetch", rules=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Couplings.
+
+_SAMPLER_RULES = ("couplings_shard", "heldout_couplings", "train_stage1", "train_stage2")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings(Section):
+    """The teacher ODE: EDM Heun (last step Euler) with autoguidance D_guide + w (D_main - D_guide)."""
+
+    # Explicit rules: `CouplingSettings` inherits these fields and has RULES of its own.
+    heun_steps: int = setting(32, "EDM Heun steps (32 -> 63 evaluations per net)", ge=1, rules=_SAMPLER_RULES)
+    sigma_min: float = setting(0.002, "lowest noise level", gt=0, rules=_SAMPLER_RULES)
+    sigma_max: float = setting(80.0, "highest noise level", gt=0, rules=_SAMPLER_RULES)
+    rho: float = setting(7.0, "EDM time-step exponent", gt=0, rules=_SAMPLER_RULES)
+    guidance: float = setting(2.1, "autoguidance weight w (paper: 1.70 at 64, 2.10 at 512)", ge=1,
+                              rules=_SAMPLER_RULES)
+
+
+@dataclasses.dataclass(frozen=True)
+class CouplingSettings(SamplerSettings):
+    """Reflow index, sharded coupling stores and the truncation threshold of their merge."""
+
+    RULES = ("couplings_shard",)
+    index_mode: Literal["imagenet", "random"] = setting(
+        "imagenet", "imagenet: the dataset labels repeated `passes` times; random: uniform classes",
+        rules=("reflow_index",))
+    passes: int = setting(4, "imagenet mode: times the dataset labels are repeated", ge=1, rules=("reflow_index",))
+    num_samples: Optional[int] = setting(None, "random mode: number of couplings", ge=1, rules=("reflow_index",))
+    num_shards: int = setting(64, "couplings_shard jobs", ge=1)
+    batch: int = setting(256, "generation batch = one Zarr chunk", ge=1)
+    noise_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the noise")
+    endpoint_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the teacher endpoint")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "teacher arithmetic (auto: bf16 on CUDA, fp32 on the CPU; EDM2 and the official code: fp16)")
+    fast_path: bool = setting(False, "CUDA: the fused guided denoiser of `accel` (channels-last, SDPA, compile)")
+    truncation_quantile: float = setting(0.9, "keep couplings below this global quantile of mean((n-x)^2)", gt=0,
+                                         le=1, rules=("couplings_merge",))
+    fixed_threshold: Optional[float] = setting(None, "official-code mode: a fixed distance threshold (0.87) "
+                                               "instead of the quantile", rules=("couplings_merge",))
+    processes: int = setting(1, "processes per shard job (one per GPU)", ge=1, rules=())
+
+    @property
+    def sampler(self) -> SamplerSettings:
+        return SamplerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)})
+
+
+# ----------------------------------------------------------------------------------------------
+# Training.
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeEmbeddingSettings(Section):
+    """Fit of the new t/r embeddings to the teacher's log-sigma embedding."""
+
+    RULES = ("init_time_embedding",)
+    steps: int = setting(10000, "Adam steps", ge=1)
+    batch: int = setting(1024, "(t, r) pairs per step", ge=1)
+    lr: float = setting(1e-3, "Adam learning rate", gt=0)
+    betas: tuple[float, float] = setting((0.9, 0.99), "Adam betas", ge=0, lt=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TimeSamplerSettings(Section):
+    """(t, r) of one training batch (`meanflow.sample_t_r`)."""
+
+    RULES = ("train_stage1", "train_stage2")
+    a: float = setting(4.0, "U-shaped p(t) ~ exp(a t) + exp(-a t)", gt=0)
+    p_mean: float = setting(-0.8, "t - r = sigmoid(N(p_mean, p_std))")
+    p_std: float = setting(1.0, "t - r = sigmoid(N(p_mean, p_std))", gt=0)
+    high_t: float = setting(0.95, "high-variance rule: where t > high_t and r < high_r, r = 0 (official code: "
+                            "t > 0.8)", ge=0, le=1)
+    high_r: float = setting(0.4, "high-variance rule: r threshold", ge=0, le=1)
+    ratio_r_neq_t: float = setting(0.25, "fraction of samples with r != t", ge=0, le=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSettings(Section):
+    """What differs between stage 1 (plain target) and stage 2 (CFG target)."""
+
+    iterations: int = setting(50000, "optimiser steps of the stage", ge=1)
+    grad_clip: Optional[float] = setting(None, "max gradient norm (paper: stage 2 1.0)", gt=0)
+    w_max: Optional[float] = setting(None, "stage 2: w' ~ U(1, w_max) (paper: 3.0 at 64, 2.5 at 512); stage 1: "
+                                     "null", ge=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings(Section):
+    """Re-MeanFlow training (both stages); `stage(n)` is what one stage's training takes."""
+
+    RULES = ("train_stage1", "train_stage2")
+    batch_size: int = setting(128, "global batch (split over processes)", ge=1)
+    lr: float = setting(1e-4, "Adam learning rate (official README: 2e-4)", gt=0)
+    betas: tuple[float, float] = setting((0.9, 0.99), "Adam betas (official code: 0.9, 0.95)", ge=0, lt=1)
+    eps: float = setting(1e-8, "Adam epsilon", gt=0)
+    weight_decay: float = setting(0.0, "Adam weight decay", ge=0)
+    ema_decay: float = setting(0.9999, "EMA decay per step", ge=0, lt=1)
+    class_dropout: float = setting(0.1, "probability of the null class", ge=0, lt=1)
+    jvp: Literal["tangent", "forward", "forward-fused", "autograd"] = setting(
+        "tangent", "how du/dt is computed (`meanflow.jvp_t`)")
+    compile: Optional[Literal["inductor", "eager", "aot_eager", "cudagraphs"]] = setting(
+        None, "torch.compile backend of the training loss; null = eager")
+    p: float = setting(0.5, "adaptive loss weight power", ge=0)
+    c: float = setting(0.01, "adaptive loss weight constant", gt=0)
+    time_sampler: TimeSamplerSettings = setting(factory=TimeSamplerSettings, doc="(t, r) sampler")
+    checkpoint_every: int = setting(1000, "steps between resumable checkpoints", ge=1, rules=())
+    snapshot_every: Optional[int] = setting(None, "keep an EMA snapshot every N steps (evaluate it as "
+                                            "eval/<stage>-stepNNNNNNNN)", ge=1, rules=())
+    window_chunks: int = setting(16, "shuffle buffer, in coupling chunks", ge=1)
+    processes: int = setting(1, "processes per training job (one per GPU)", ge=1, rules=())
+    stage1: StageSettings = setting(factory=StageSettings, doc="stage 1", rules=("train_stage1",))
+    stage2: StageSettings = setting(factory=lambda: StageSettings(grad_clip=1.0, w_max=2.5), doc="stage 2",
+                                    rules=("train_stage2",))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage1.w_max is not None:
+            raise ValueError("config key train.stage1.w_max must be null: stage 1 trains without guidance")
+        if self.stage2.w_max is None:
+            raise ValueError("config key train.stage2.w_max must be a number >= 1: stage 2 draws w' ~ U(1, w_max)")
+
+    def stage(self, n: int) -> StageSettings:
+        if n not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {n!r}")
+        return self.stage1 if n == 1 else self.stage2
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation.
+
+_SHARD, _MERGE = "evaluate_shard", "evaluate_merge"
+
+
+@dataclasses.dataclass(frozen=True)
+class InceptionSettings(Section):
+    RULES = ("fetch_inception",)
+    weights: Optional[str] = setting(None, "pt_inception-2015-12-05-6726825d.pth as an http(s) URL, file:// URL "
+                                     "or local path; null = FID skipped (metrics say so)")
+    sha256: Optional[str] = setting(None, "expected sha256 of the weights; null = check only the hash prefix in "
+                                    "the file name (torch.hub convention)", pattern=SHA256_PATTERN,
+                                    rules=("fetch_inception", _SHARD))
+
+
+@dataclasses.dataclass(frozen=True)
+class RefStatsSettings(Section):
+    RULES = ("fid_reference_stats",)
+    source: Optional[str] = setting(None, "provided pytorch-fid .npz (mu, sigma) as URL or path; null = computed "
+                                    "from data/images.zarr with the Inception weights",
+                                    rules=("fid_reference_stats", _MERGE))
+    sha256: Optional[str] = setting(None, "expected sha256 of the provided file", pattern=SHA256_PATTERN)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings(Section):
+    """Held-out teacher couplings, sharded one-step samples, FID and the pixel metrics."""
+
+    RULES = (_SHARD, _MERGE)
+    num_samples: int = setting(50000, "held-out teacher couplings (error against the teacher, grid)", ge=2,
+                               rules=("heldout_couplings",))
+    seed: int = setting(1000003, "held-out and sampled noise/labels: a seed no training coupling uses", ge=0,
+                        rules=("heldout_couplings", _SHARD))
+    batch: int = setting(256, "evaluation batch", ge=1,
+                         rules=("heldout_couplings", "fid_reference_stats", _SHARD, _MERGE))
+    grid_per_class: int = setting(1, "samples per class in the grid", ge=1, rules=(_MERGE,))
+    pixel_resolution: Optional[int] = setting(None, "area-downsample samples and reference to this size for the "
+                                              "pixel Frechet distance; null = native", ge=1,
+                                              rules=("pixel_reference_stats", _SHARD, _MERGE))
+    fid_samples: int = setting(50000, "one-step samples that FID is computed over, exactly", ge=2)
+    shards: int = setting(8, "evaluate_shard jobs per checkpoint (the result does not depend on it)", ge=1,
+                          rules=(_SHARD,))
+    inception: InceptionSettings = setting(factory=InceptionSettings, doc="Inception weights for FID", rules=())
+    ref_stats: RefStatsSettings = setting(factory=RefStatsSettings, doc="FID reference statistics", rules=())
+    vae: Optional[str] = setting(None, "local diffusers AutoencoderKL folder that decodes latent nets to pixels; "
+                                 "required for FID of latent nets; never fetched from a hub", rules=())
+
+
+# ----------------------------------------------------------------------------------------------
+# Resources and the whole config.
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourceSettings(Section):
+    """Per-job resources of a rule group (Snakemake resources; the Slurm profile maps them)."""
+
+    threads: int = setting(1, "CPU threads", ge=1)
+    mem_mb: int = setting(2000, "memory, MB", ge=1)
+    gpu: int = setting(0, "GPUs per job; multi-GPU rules launch one process per GPU", ge=0)
+    runtime: int = setting(30, "minutes", ge=1)
+    cpus_per_gpu: Optional[int] = setting(None, "Slurm --cpus-per-gpu", ge=1)
+    slurm_partition: Optional[str] = setting(None, "Slurm partition")
+    slurm_account: Optional[str] = setting(None, "Slurm account")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings(Section):
+    """The whole configuration (`config.yaml` merged with any --configfile and --config)."""
+
+    RULES = ()
+    run_name: str = setting("toy", "outputs go to <results_dir>/<run_name>/", pattern="^[A-Za-z0-9_.-]+$")
+    results_dir: str = setting("results", "folder of all runs")
+    seed: int = setting(0, "training couplings, teacher, index and training draws", ge=0,
+                        rules=("toy_source", "train_teacher", "reflow_index", "couplings_shard",
+                               "init_time_embedding", "train_stage1", "train_stage2"))
+    dataset: DatasetSettings = setting(factory=DatasetSettings, doc="dataset")
+    teacher: TeacherSettings = setting(factory=TeacherSettings, doc="teacher")
+    couplings: CouplingSettings = setting(factory=CouplingSettings, doc="couplings")
+    time_embedding: TimeEmbeddingSettings = setting(factory=TimeEmbeddingSettings, doc="time embedding fit")
+    train: TrainSettings = setting(factory=TrainSettings, doc="Re-MeanFlow training")
+    evaluate: EvalSettings = setting(factory=EvalSettings, doc="evaluation")
+    resources: dict[str, ResourceSettings] = setting(factory=lambda: {"default": ResourceSettings()},
+                                                     doc="per rule group (default, preprocess, teacher, couplings, "
+                                                         "train, evaluate); `default` fills missing groups")
+
+    def resources_of(self, group: str) -> ResourceSettings:
+        return self.resources.get(group, self.resources["default"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Types -> schema, coercion, construction.
+
+
+def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
+
+
+def _split_optional(tp) -> tuple[Any, bool]:
+    """(inner type, nullable) of `Optional[X]` / `X | None`."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0], True
+    return tp, False
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Section)
+
+
+def _type_schema(tp, meta) -> dict:
+    inner, nullable = _split_optional(tp)
+    origin = typing.get_origin(inner)
+    if _is_section(inner):
+        out = section_schema(inner)
+        if nullable:
+            out["type"] = ["object", "null"]
+        return out
+    if origin is Literal:
+        choices = list(typing.get_args(inner))
+        return {"enum": [*choices, None] if nullable else choices}
+    if origin is tuple:
+        item = _type_schema(typing.get_args(inner)[0], meta)
+        n = len(typing.get_args(inner))
+        return {"type": "array", "items": item, "minItems": n, "maxItems": n}
+    if origin is dict:
+        return {"type": "object", "additionalProperties": section_schema(typing.get_args(inner)[1]),
+                "required": ["default"]}
+    base = {int: "integer", float: "number", bool: "boolean", str: "string"}[inner]
+    out: dict[str, Any] = {"type": [base, "null"] if nullable else base}
+    for key, name in (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum"), ("lt", "exclusiveMaximum")):
+        if meta.get(key) is not None:
+            out[name] = meta[key]
+    if meta.get("pattern"):
+        out["pattern"] = meta["pattern"]
+    return out
+
+
+def section_schema(cls) -> dict:
+    """JSON schema (draft 7) of one settings class: every key optional (defaults fill it), none unknown."""
+    props = {}
+    for f, tp in _fields(cls):
+        prop = _type_schema(tp, f.metadata)
+        doc = f.metadata.get("doc", "")
+        if f.metadata.get("paper", dataclasses.MISSING) is not dataclasses.MISSING:
+            doc += f" (paper: {f.metadata['paper']})"
+        if doc:
+            prop = {**prop, "description": doc}
+        if f.default is not dataclasses.MISSING:
+            prop["default"] = _plain(f.default)
+        props[f.name] = prop
+    return {"type": "object", "additionalProperties": False, "properties": props}
+
+
+def json_schema() -> dict:
+    """The schema of the whole config, generated from the settings classes."""
+    return {
+        "$schema": "http://json-schema.org/draft-07/schema#",
+        "description": "remeanflow workflow configuration. GENERATED from remeanflow/settings.py by "
+                       "`python -m remeanflow schema`; edit the settings classes, not this file. Unknown keys are "
+                       "errors; missing keys take the paper's defaults.",
+        **section_schema(Settings),
+    }
+
+
+def schema_yaml() -> str:
+    return yaml.safe_dump(json_schema(), sort_keys=False, width=110)
+
+
+_NULL_WORDS = ("null", "none", "~", "")
+
+
+def _coerce_scalar(value: str, tp) -> Any:
+    """A string for a typed field -> that type when it parses as one, else unchanged (the schema
+    then names the key)."""
+    inner, nullable = _split_optional(tp)
+    if nullable and value.strip().lower() in _NULL_WORDS:
+        return None
+    if inner is str or typing.get_origin(inner) is Literal and all(isinstance(a, str) for a in typing.get_args(inner)):
+        return value
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if inner is float and isinstance(parsed, str):
+        try:
+            return float(parsed)
+        except ValueError:
+            return value
+    return parsed if isinstance(parsed, (int, float, bool, list, dict)) else value
+
+
+def coerce(config: dict, cls=None) -> dict:
+    """A copy of `config` with strings turned into numbers, booleans or null where the settings
+    class declares such a type: Snakemake passes nested `--config` values as strings."""
+    cls = cls or Settings
+    out = dict(config)
+    types_ = dict((f.name, tp) for f, tp in _fields(cls))
+    for key, value in config.items():
+        tp = types_.get(key)
+        if tp is None:
+            continue
+        inner, _ = _split_optional(tp)
+        if isinstance(value, str):
+            out[key] = _coerce_scalar(value, tp)
+        elif isinstance(value, dict) and _is_section(inner):
+            out[key] = coerce(value, inner)
+        elif isinstance(value, dict) and typing.get_origin(inner) is dict:
+            item = typing.get_args(inner)[1]
+            out[key] = {k: coerce(v, item) if isinstance(v, dict) else v for k, v in value.items()}
+        elif isinstance(value, list) and typing.get_origin(inner) is tuple:
+            item = typing.get_args(inner)[0]
+            out[key] = [_coerce_scalar(v, item) if isinstance(v, str) else v for v in value]
+    return out
+
+
+def build(cls, data: dict | None, base=None):
+    """An instance of `cls` from schema-valid plain data; missing keys keep `base`'s values (the
+    class defaults when None), so a partial `stage2:` keeps stage 2's own defaults."""
+    data, base = data or {}, base if base is not None else cls()
+    kwargs = {}
+    for f, tp in _fields(cls):
+        if f.name in data:
+            kwargs[f.name] = _build_value(tp, data[f.name], getattr(base, f.name))
+    return dataclasses.replace(base, **kwargs)
+
+
+def _build_value(tp, value, base):
+    inner, _ = _split_optional(tp)
+    if value is None:
+        return None
+    if _is_section(inner):
+        return build(inner, value, base)
+    if typing.get_origin(inner) is tuple:
+        return tuple(float(v) if typing.get_args(inner)[0] is float else v for v in value)
+    if typing.get_origin(inner) is dict:
+        item = typing.get_args(inner)[1]
+        return {k: build(item, v) for k, v in value.items()}
+    if inner is float and isinstance(value, int):
+        return float(value)
+    return value
+
+
+def load(config: dict) -> Settings:
+    """Typed settings of a config that `config.validate` accepted."""
+    return build(Settings, config)
+
+
+# ----------------------------------------------------------------------------------------------
+# What enters each rule.
+
+
+def _rules_of(f: dataclasses.Field, cls) -> tuple[str, ...]:
+    rules = f.metadata.get("rules")
+    return cls.RULES if rules is None else rules
+
+
+def rule_config(settings: Settings, rule: str) -> dict[str, Any]:
+    """The settings that change `rule`'s outputs, as nested plain values ({section: {key: value}}):
+    the rule's `params:` value (Snakemake reruns it when one changes) and its provenance config."""
+    return _select(settings, rule) or {}
+
+
+def _select(obj: Section, rule: str, inherited: bool = False) -> dict[str, Any] | None:
+    out = {}
+    for f, tp in _fields(type(obj)):
+        enters = inherited and f.metadata.get("rules") is None or rule in _rules_of(f, type(obj))
+        value = getattr(obj, f.name)
+        inner, _ = _split_optional(tp)
+        if _is_section(inner):
+            if value is None:
+                if enters:
+                    out[f.name] = None
+                continue
+            sub = _select(value, rule, inherited=enters)
+            if sub:
+                out[f.name] = sub
+        elif enters:
+            out[f.name] = _plain(value)
+    return out or None
+
+
+@functools.cache
+def rules_named() -> frozenset[str]:
+    """Every rule name that a settings field says it enters (checked against the Snakefile by a test)."""
+    names: set[str] = set()
+
+    def walk(cls):
+        names.update(cls.RULES)
+        for f, tp in _fields(cls):
+            names.update(f.metadata.get("rules") or ())
+            inner, _ = _split_optional(tp)
+            if _is_section(inner):
+                walk(inner)
+            elif typing.get_origin(inner) is dict:
+                walk(typing.get_args(inner)[1])
+
+    walk(Settings)
+    return frozenset(names)
