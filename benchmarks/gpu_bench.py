@@ -241,7 +241,7 @@ def train_path(fast: bool, args: argparse.Namespace, init_state: dict, inputs: d
     """Warm up, then time `train_repeats` optimiser steps of one path from `init_state`."""
     net = networks.build(args.train_preset).to(device)
     net.load_state_dict(init_state)
-    params = train._prepare_for_training(net)
+    params = train.prepare_for_training(net)
     if fast:
         loss_fn = accel.meanflow_loss_fn(net, jvp=args.fast_jvp, precision=args.fast_precision,
                                          use_channels_last=args.channels_last, backend=args.compile_backend,

@@ -1,11 +1,24 @@
-"""Opt-in speed helpers for coupling generation and the MeanFlow training step.
+"""Speed helpers for coupling generation, the MeanFlow training step and the GPU benchmark.
 
 Nothing here changes the mathematics: every helper wraps the plain paths of `networks`,
 `sampling` and `meanflow` (mixed precision, memory layout, attention kernel, graph compilation,
 CUDA graph replay), and `benchmarks/gpu_bench.py` checks each fast path against the eager
-reference before it reports a speed. The coupling job and the training loop opt in per option.
+reference before it reports a speed (method: `docs/method.md`; modules: `docs/architecture.md`).
 
-* `autocast`: bf16/fp16 autocast by precision name ("fp32" = off).
+Who uses what:
+
+* the coupling job (`coupling_job.make_generate_fn`): `resolve_precision` + `autocast` always
+  (config `couplings.precision`), and `FastDenoiser` + `fast_edm_heun` when
+  `couplings.fast_path` is on (compiled on CUDA; eager, without CUDA graphs, on the CPU);
+* the training loop (`train.Trainer.loss_fn`): `meanflow_loss_fn` and `check_loss_settings`;
+* `benchmarks/gpu_bench.py` / `benchmarks/train_step.py`: all of the above plus the rest
+  (`CudaGraphCall`, `use_sdpa_attention`, channels-last, `compile_fn`, `forward_flops`,
+  `relative_error`).
+
+The helpers:
+
+* `resolve_precision` / `autocast`: precision names ("auto" = bf16 on CUDA, fp32 elsewhere) and
+  bf16/fp16 autocast by name ("fp32" = off).
 * `to_channels_last` / `channels_last`: NHWC layout for the nets and their image inputs (tensor
   cores and cuDNN's NHWC kernels; no effect on results beyond rounding).
 * `use_sdpa_attention`: EDM2's cosine attention through `F.scaled_dot_product_attention`
@@ -47,6 +60,16 @@ def check_precision(precision: str) -> torch.dtype | None:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     return PRECISIONS[precision]
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """The concrete precision name for `device`: "auto" is bf16 autocast on CUDA and fp32
+    elsewhere; "fp32", "bf16" and "fp16" are returned as they are; anything else is a clear error."""
+    if precision == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {['auto', *sorted(PRECISIONS)]}, got {precision!r}")
+    return precision
 
 
 def autocast(device: torch.device | str, precision: str, cache_enabled: bool = True) -> contextlib.AbstractContextManager:

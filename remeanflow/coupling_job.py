@@ -1,10 +1,14 @@
 """One couplings shard job: the teacher's EDM Heun ODE with autoguidance over a slice of the reflow
-index, written into a resumable Zarr shard (DESIGN.md §2 "couplings", §5).
+index, written into a resumable Zarr shard (`docs/method.md`, couplings; `docs/architecture.md`).
 
 The job works in a scratch store that Snakemake does not own (`work`), so a killed job keeps its
 finished chunks; once every chunk is marked and verified, the store is moved onto the rule's
 output. With `processes > 1` it relaunches itself under `accelerate launch`, one process per GPU;
 ranks split the shard's chunks round-robin and never write the same Zarr chunk.
+
+Speed options (config `couplings.precision`, `couplings.fast_path`) go through `accel`: the
+precision names autocast ("auto" = bf16 on CUDA, fp32 on the CPU) and the fast path runs the
+sampler on an `accel.FastDenoiser` (channels-last, SDPA attention; torch.compile on CUDA).
 
 Run as a module by `accelerate launch -m remeanflow.coupling_job <spec.json>`.
 """
@@ -20,38 +24,76 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoints, couplings, sampling
+from . import accel, checkpoints, couplings, sampling
 from .checkpoints import net_sha256
 from .launch import launch_module, read_spec
 from .reflow_index import load_index
+from .settings import CouplingSettings, build
 
 log = logging.getLogger(__name__)
 
-SAMPLER_KEYS = ("heun_steps", "sigma_min", "sigma_max", "rho", "guidance")
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def fingerprint(teacher, guide, cfg: dict, seed: int) -> dict:
-    """What determines the couplings besides the index: teacher, guide, sampler, seed, precision."""
-    return {
+def speed_options(c: CouplingSettings, device: torch.device | str) -> tuple[str, bool]:
+    """(resolved precision, fast_path) of the couplings settings on `device`."""
+    precision, fast_path = c.precision, c.fast_path
+    if not isinstance(fast_path, bool):
+        raise ValueError(f"fast_path must be true or false, got {fast_path!r}")
+    return accel.resolve_precision(precision, device), fast_path
+
+
+def fingerprint(teacher, guide, c: CouplingSettings, seed: int, device: torch.device | str | None = None) -> dict:
+    """What determines the couplings besides the index: teacher, guide, sampler, seed, precision.
+
+    `precision` is the resolved name ("fp32", "bf16", "fp16") for `device` (default: CUDA when
+    available, else the CPU); `fast_path: True` is added only when the fast path is on, so the
+    default run's fingerprint is the same as before the option existed.
+    """
+    precision, fast_path = speed_options(c, _default_device() if device is None else device)
+    fp = {
         "teacher_sha256": net_sha256(teacher),
         "guide_sha256": net_sha256(guide),
-        "sampler": {k: cfg[k] for k in SAMPLER_KEYS},
+        "sampler": c.sampler.to_dict(),
         "seed": int(seed),
-        "precision": "bf16-autocast" if torch.cuda.is_available() else "fp32",
+        "precision": precision,
         # numpy does not promise identical standard_normal streams across versions (sampling.py)
         "noise": {"generator": "numpy Philox(key=[sample_id, seed]) stream 0", "numpy": np.__version__},
     }
+    if fast_path:
+        fp["fast_path"] = True
+    return fp
 
 
-def make_generate_fn(net, guide, cfg: dict, device: torch.device):
-    """Endpoints of the guided teacher ODE for a chunk of standard-normal noise (EDM Alg. 1)."""
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+def make_generate_fn(net, guide, c: CouplingSettings, device: torch.device):
+    """Endpoints of the guided teacher ODE for a chunk of standard-normal noise (EDM Alg. 1).
+
+    Eager path: `sampling.edm_heun` under `accel.autocast` at the resolved precision. Fast path
+    (`fast_path: true`): `accel.fast_edm_heun` on an `accel.FastDenoiser`, which modifies `net`
+    and `guide` in place (channels-last layout, SDPA attention); on CUDA it is compiled with
+    torch.compile's default backend, on the CPU it runs eagerly. Neither path uses CUDA graphs.
+    """
+    device = torch.device(device)
+    precision, fast_path = speed_options(c, device)
+    sampler_kw = dict(num_steps=c.heun_steps, sigma_min=c.sigma_min, sigma_max=c.sigma_max, rho=c.rho)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # one chunk shape per job: pick the fastest kernels once
+    if fast_path:
+        backend = "inductor" if device.type == "cuda" else None
+        denoiser = accel.FastDenoiser(net, guide, c.guidance, precision=precision, backend=backend)
+
+        def generate(noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            with torch.inference_mode():
+                x = accel.fast_edm_heun(denoiser, noise.to(device), labels.to(device), **sampler_kw)
+            return x.float().cpu()
+
+        return generate
 
     def generate(noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), accel.autocast(device, precision):
             x = sampling.edm_heun(
-                net, noise.to(device), labels.to(device), num_steps=cfg["heun_steps"], sigma_min=cfg["sigma_min"],
-                sigma_max=cfg["sigma_max"], rho=cfg["rho"], guide=guide, guidance=cfg["guidance"],
+                net, noise.to(device), labels.to(device), **sampler_kw, guide=guide, guidance=c.guidance,
             )
         return x.float().cpu()
 
@@ -73,19 +115,19 @@ def _distributed_state():
 def run_shard(spec: dict) -> dict:
     """Generate (or resume) one shard; rank 0 verifies it and moves it onto `spec['output']`."""
     rank, world, device, barrier = _distributed_state()
-    cfg, work, output = spec["cfg"], Path(spec["work"]), Path(spec["output"])
+    c, work, output = build(CouplingSettings, spec["couplings"]), Path(spec["work"]), Path(spec["output"])
     index = load_index(spec["index"])
     if rank == 0:
         couplings.create_shard_store(
-            work, index_store=spec["index"], shard=spec["shard"], num_shards=cfg["num_shards"], chunk=cfg["batch"],
-            shape=spec["shape"], noise_dtype=cfg["noise_dtype"], endpoint_dtype=cfg["endpoint_dtype"],
-            seed=spec["seed"], fingerprint=fingerprint(spec["teacher"], spec["guide"], cfg, spec["seed"]),
+            work, index_store=spec["index"], shard=spec["shard"], num_shards=c.num_shards, chunk=c.batch,
+            shape=spec["shape"], noise_dtype=c.noise_dtype, endpoint_dtype=c.endpoint_dtype,
+            seed=spec["seed"], fingerprint=fingerprint(spec["teacher"], spec["guide"], c, spec["seed"], device),
         )
     barrier()
     net = checkpoints.load_net(spec["teacher"])["net"].to(device)
-    guide = checkpoints.load_net(spec["guide"])["net"].to(device) if cfg["guidance"] != 1 else None
+    guide = checkpoints.load_net(spec["guide"])["net"].to(device) if c.guidance != 1 else None
     stats = couplings.generate_shard(
-        work, make_generate_fn(net, guide, cfg, device), rank=rank, world_size=world, progress=spec.get("progress", True)
+        work, make_generate_fn(net, guide, c, device), rank=rank, world_size=world, progress=spec.get("progress", True)
     )
     log.info("shard %s rank %d of %d: %d chunks generated, %d were done before", spec["shard"], rank, world,
              stats["chunks_generated"], stats["chunks_done_before"])

@@ -50,11 +50,11 @@ from .heldout import (
     Heldout,
     as_heldout,
     batched,
-    check_positive_int,
     load_heldout,
     load_net_and_info,
     resolve_device,
 )
+from .misc import require_int
 from .reference_stats import (
     pixel_features,
     pixel_stats,
@@ -107,8 +107,8 @@ def evaluate_generator(
 def shard_range(num_samples: int, shard: int, num_shards: int) -> tuple[int, int]:
     """[lo, hi) of the sample ids of shard `shard` of `num_shards`: contiguous, disjoint, covering
     0..num_samples-1, sizes differing by at most one."""
-    check_positive_int("num_samples", num_samples)
-    check_positive_int("num_shards", num_shards)
+    require_int("num_samples", num_samples, 1)
+    require_int("num_shards", num_shards, 1)
     if num_shards > num_samples:
         raise ValueError(f"num_shards={num_shards} exceeds num_samples={num_samples}: some shards would be empty")
     if isinstance(shard, bool) or not isinstance(shard, (int, np.integer)) or not 0 <= shard < num_shards:
@@ -150,7 +150,7 @@ def sample_shard(
     InceptionV3 pool features. Returns the shard's attrs.
     """
     lo, hi = shard_range(num_samples, shard, num_shards)
-    check_positive_int("num_classes", num_classes)
+    require_int("num_classes", num_classes, 1)
     device = resolve_device(device)
     net, info = load_net_and_info(net_path, device)
     if num_classes > net.label_dim:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from . import inception
 from .fileio import atomic_path
-from .heldout import check_positive_int
+from .misc import require_int
 
 
 def grid_indices(labels: np.ndarray, per_class: int = 2, max_classes: int = 10) -> np.ndarray:
@@ -28,8 +28,8 @@ def save_grid(images, path, nrow: int, scale: int = 4, pad: int = 1, pad_value: 
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] == 0:
         raise ValueError(f"grid images must be [N, 1 or 3, H, W] with N >= 1, got shape {tuple(x.shape)}")
-    check_positive_int("nrow", nrow)
-    check_positive_int("scale", scale)
+    require_int("nrow", nrow, 1)
+    require_int("scale", scale, 1)
     # float [-1, 1] -> uint8 as saved to disk (EDM2's StandardRGBEncoder)
     x = inception.to_uint8(x.float()).repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3)
     n, c, h, w = x.shape

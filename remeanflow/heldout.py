@@ -6,7 +6,7 @@ evaluation modules share (device choice, net loading, batched inference, argumen
   couplings' seed: noise is keyed by (seed, sample id) (`sampling.per_sample_noise`), so the same
   seed would reproduce training couplings exactly and the error against the teacher would measure
   memorisation, not generalisation.
-* `resolve_device`, `load_net_and_info`, `batched`, `check_positive_int`: helpers also used by
+* `resolve_device`, `load_net_and_info`, `batched`: helpers also used by
   `evaluate`, `reference_stats` and `figures`.
 
 Held-out file (``.npz``, written atomically, loaded without pickle)::
@@ -38,7 +38,7 @@ import tqdm
 from . import checkpoints, fid, sampling
 from .checkpoints import net_sha256
 from .fileio import atomic_path
-from .misc import heun_nfe
+from .misc import heun_nfe, require_int
 
 HELDOUT_FORMAT = "remeanflow-heldout-v1"
 HELDOUT_ARRAYS = ("noise", "labels", "teacher_endpoint", "teacher_1step")
@@ -63,17 +63,12 @@ def load_net_and_info(net_or_path, device: torch.device) -> tuple[torch.nn.Modul
     return loaded["net"].to(device), info
 
 
-def check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
 def batched(
     fn: Callable, noise: torch.Tensor, labels: torch.Tensor, *, batch: int, device: torch.device, desc: str,
     progress: bool,
 ) -> np.ndarray:
     """fn(noise, labels) over batches of rows on `device` -> float32 numpy [N, ...] on the CPU."""
-    check_positive_int("batch", batch)
+    require_int("batch", batch, 1)
     out = []
     starts = range(0, noise.shape[0], batch)
     with torch.inference_mode():
@@ -126,7 +121,7 @@ def make_heldout(
     The teacher runs in float32 on `device` (default: CUDA if available). Returns the attrs.
     """
     for name, value in (("num_samples", num_samples), ("num_classes", num_classes), ("heun_steps", heun_steps)):
-        check_positive_int(name, value)
+        require_int(name, value, 1)
     if num_samples < 2:
         raise ValueError(f"num_samples must be >= 2 (a covariance needs two samples), got {num_samples}")
     device = resolve_device(device)

@@ -1,7 +1,8 @@
 """Deterministic, resumable per-process batches of rectified couplings for MeanFlow training.
 
 Couplings are i.i.d., so the order only has to look random at the scale of a batch; what matters
-is reading the Zarr stores in whole chunks (per-sample random reads are ~30x slower, REFERENCE.md)
+is reading the Zarr stores in whole chunks (per-sample random reads are ~30x slower,
+docs/architecture.md)
 and never letting DDP processes disagree on their batch size. `CouplingStream` therefore shuffles
 in two levels, each a pure function of its position:
 
@@ -9,9 +10,9 @@ in two levels, each a pure function of its position:
    of W processes takes the permuted chunks r, r + W, r + 2W, ... (all ranks of one epoch
    together read every chunk exactly once);
 2. consecutive groups of `window_chunks` of a rank's chunks form *windows*; the KEPT samples of a
-   window (the manifest's global distance truncation, Re-MeanFlow section 4 / DESIGN §3 step 1)
-   are shuffled by a generator keyed by (seed, e, r, window) -- a shuffle buffer whose content
-   and order depend on nothing but its position.
+   window (the manifest's global distance truncation, Re-MeanFlow section 4; docs/method.md,
+   "MeanFlow loss" step 1) are shuffled by a generator keyed by (seed, e, r, window) -- a shuffle
+   buffer whose content and order depend on nothing but its position.
 
 Batches are the next `batch_size` samples of this per-rank sequence, crossing window and epoch
 boundaries, so every batch holds exactly `batch_size` samples however many couplings truncation
@@ -28,12 +29,17 @@ epoch each kept coupling is still drawn exactly once across ranks; the price is 
 couplings the old ranks had not yet drawn from their epochs in progress are skipped: the rest of
 each old rank's epoch, plus any epoch it lagged behind the furthest rank (ranks keep different
 numbers of couplings per epoch, so they drift apart slowly) -- usually less than one epoch.
+
+`open_stream` opens the stream of one training process: fresh, at its saved position, or under
+another layout (with a warning, since the run then stops being bit-identical to an uninterrupted
+one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +48,8 @@ import torch
 
 from .couplings import CouplingReader, FingerprintMismatchError, open_couplings
 from .misc import require_int
+
+log = logging.getLogger(__name__)
 
 STATE_FORMAT = "remeanflow.coupling-stream/1"
 # Purposes of the keyed generators, so that e.g. (seed, e) for chunk order and the window keys
@@ -269,3 +277,42 @@ class CouplingStream(Iterator[dict[str, Any]]):
             "kept_fraction": float(kept_fraction),
         }
 
+
+
+def open_stream(
+    reader: CouplingReader,
+    *,
+    batch_size: int,
+    seed: int,
+    window_chunks: int,
+    rank: int,
+    world: int,
+    saved_streams: list[dict[str, Any]] | None = None,
+    ckpt_path=None,
+    step: int | None = None,
+) -> CouplingStream:
+    """The coupling stream of training process `rank` of `world`: fresh, at its saved position, or
+    -- when the saved positions were written by another number of processes -- at the start of the
+    first epoch no saved rank had started (module docstring, "Another layout").
+
+    batch_size: the GLOBAL batch (each process draws batch_size / world). saved_streams: the
+    `state_dict()` of every rank of the checkpoint resumed (None: a fresh stream); ckpt_path and
+    step only name that checkpoint in the warning that rank 0 logs when the layout changed.
+    """
+    kw = dict(batch_size=batch_size // world, rank=rank, world_size=world, seed=seed, window_chunks=window_chunks)
+    if saved_streams is None:
+        return CouplingStream(reader, **kw)
+    saved = saved_streams
+    if len(saved) == world:
+        return CouplingStream(reader, **kw, state=saved[rank])
+    stream = CouplingStream(reader, **kw, relayout=saved)
+    if rank == 0:
+        log.warning(
+            "%s: saved by %d process(es), resumed by %d. Model, EMA, optimiser and step %d carry over exactly and the "
+            "global batch stays %d (%d per process); the coupling stream cannot continue bit-exactly under another "
+            "layout, so every process starts at epoch %d (saved ranks were at epochs %s): the couplings not yet drawn "
+            "from the epochs in progress are skipped and the run is no longer bit-identical to an uninterrupted one.",
+            ckpt_path, len(saved), world, step, batch_size, batch_size // world,
+            first_unstarted_epoch(saved), [s["epoch"] for s in saved],
+        )
+    return stream

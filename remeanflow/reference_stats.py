@@ -17,8 +17,7 @@ import tqdm
 
 from . import fid, inception
 from .data.preprocess import load_images
-from .heldout import check_positive_int
-from .misc import uint8_to_float
+from .misc import require_int, uint8_to_float
 
 
 def pixel_features(images, resolution: int | None = None) -> np.ndarray:
@@ -53,7 +52,7 @@ def reference_rows(num_images: int, max_images: int | None) -> np.ndarray:
     ones (the store is sorted by class, so a prefix would cover only the first classes)."""
     if max_images is None or max_images >= num_images:
         return np.arange(num_images)
-    check_positive_int("max_images", max_images)
+    require_int("max_images", max_images, 1)
     return np.arange(max_images) * num_images // max_images
 
 

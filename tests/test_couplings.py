@@ -1,4 +1,5 @@
-"""Sharded coupling stores: geometry, shard/rank invariance, kill-and-resume, merge checks, reader."""
+"""Sharded coupling stores: geometry, shard/rank invariance, kill-and-resume, merge checks, reader;
+the coupling job's precision and fast path (`coupling_job`)."""
 
 import os
 import shutil
@@ -374,3 +375,149 @@ def test_verify_detects_tampered_labels_and_noise(tmp_path, index):
     group["label"][3] = (group["label"][3] + 1) % 4
     with pytest.raises(C.CouplingStoreError, match="labels changed"):
         C.verify_shard(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The coupling job's precision and fast path (`coupling_job.make_generate_fn`, `fingerprint`).
+
+JOB_CFG = dict(heun_steps=3, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=1.7)
+
+
+def job(**options):
+    """The couplings settings of these tests: JOB_CFG's sampler plus `options`."""
+    from remeanflow.settings import CouplingSettings
+
+    return CouplingSettings(**{**JOB_CFG, **options})
+
+
+def _job_net(seed: int):
+    """The tiny net (2 x 8 x 8, 4 classes, attention at 4 x 4) with EDM2's zero-initialised gains
+    set non-zero: at zero gains D(x) = c_skip x and any fast path would trivially agree."""
+    from remeanflow import networks
+
+    torch.manual_seed(seed)
+    net = networks.build("tiny").eval().requires_grad_(False)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, networks.Block):
+                module.emb_gain.fill_(0.5)
+        net.unet.out_gain.fill_(1.0)
+    return net
+
+
+@pytest.fixture
+def job_batch():
+    noise = torch.randn(5, 2, 8, 8, generator=torch.Generator().manual_seed(3))
+    return _job_net(0), _job_net(1), noise, torch.tensor([0, 3, -1, 2, 1])
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a, ref = a.double().flatten(1), ref.double().flatten(1)
+    return float(((a - ref).norm(dim=1) / ref.norm(dim=1)).max())
+
+
+def test_job_eager_path_is_bit_identical_to_the_plain_sampler(job_batch, one_thread):
+    from remeanflow import coupling_job, sampling
+
+    net, guide, noise, labels = job_batch
+    with torch.inference_mode(), torch.autocast("cpu", enabled=False):  # the job's path before accel
+        ref = sampling.edm_heun(net, noise, labels, num_steps=3, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                                guide=guide, guidance=1.7)
+    cpu = torch.device("cpu")
+    for cfg in (job(), job(precision="auto"), job(precision="fp32", fast_path=False)):
+        out = coupling_job.make_generate_fn(net, guide, cfg, cpu)(noise, labels)
+        assert out.dtype == torch.float32 and torch.equal(out, ref), cfg
+
+
+def test_job_fast_path_matches_eager_path(job_batch, one_thread):
+    import copy
+
+    from remeanflow import coupling_job, networks
+
+    net, guide, noise, labels = job_batch
+    cpu = torch.device("cpu")
+    ref = coupling_job.make_generate_fn(net, guide, job(precision="fp32"), cpu)(noise, labels)
+    fast_net, fast_guide = copy.deepcopy(net), copy.deepcopy(guide)
+    generate = coupling_job.make_generate_fn(fast_net, fast_guide, job(precision="fp32", fast_path=True), cpu)
+    out = generate(noise, labels)
+    # the fast denoiser really is in use: SDPA attention and channels-last weights on the job's nets
+    blocks = [m for m in fast_net.modules() if isinstance(m, networks.Block) and m.num_heads]
+    assert blocks and all("_attention" in vars(b) for b in blocks)
+    assert fast_net.unet.enc["8x8_conv"].weight.is_contiguous(memory_format=torch.channels_last)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    # fp32 rounding of SDPA and NHWC kernels, amplified over the Heun steps: ~5e-6 measured (bf16: ~1e-2)
+    assert _rel_err(out, ref) < 2e-5
+    # guidance is inside the fast denoiser: with guidance 1 (no guide) the endpoints differ
+    unguided = coupling_job.make_generate_fn(copy.deepcopy(net), None, job(guidance=1.0, fast_path=True), cpu)
+    assert _rel_err(unguided(noise, labels), ref) > 1e-3
+
+
+def test_job_fingerprint_records_resolved_precision_and_fast_path(tmp_path):
+    from remeanflow import coupling_job
+    from remeanflow.checkpoints import net_sha256
+
+    teacher, guide = tmp_path / "net.pt", tmp_path / "guide.pt"
+    teacher.write_bytes(b"teacher")
+    guide.write_bytes(b"guide")
+
+    def fp(device="cpu", **options):
+        return coupling_job.fingerprint(teacher, guide, job(**options), 7, device)
+
+    default = fp()
+    # the format the job wrote before the options existed, unchanged for the default CPU run
+    assert default == {
+        "teacher_sha256": net_sha256(teacher), "guide_sha256": net_sha256(guide),
+        "sampler": JOB_CFG, "seed": 7, "precision": "fp32",
+        "noise": {"generator": "numpy Philox(key=[sample_id, seed]) stream 0", "numpy": np.__version__},
+    }
+    assert fp(precision="auto") == fp(precision="fp32") == fp(fast_path=False) == default
+    assert fp("cuda")["precision"] == "bf16"  # "auto" on CUDA (resolving needs no GPU)
+    assert fp("cuda", precision="fp32") == default
+    for name in ("bf16", "fp16"):
+        assert fp(precision=name) == dict(default, precision=name)
+    assert fp(fast_path=True) == dict(default, fast_path=True)
+    hashes = {C.fingerprint_hash(f) for f in (default, fp(precision="bf16"), fp(precision="fp16"), fp(fast_path=True))}
+    assert len(hashes) == 4
+    # a typed settings object with the same attribute names works too
+
+    from remeanflow.coupling_job import speed_options
+    assert speed_options(job(precision="bf16", fast_path=True), "cpu") == ("bf16", True)
+    assert speed_options(job(), "cuda") == ("bf16", False)
+
+
+def test_job_rejects_bad_precision_and_fast_path(job_batch, tmp_path):
+    from remeanflow import accel, coupling_job
+
+    net, guide, _, _ = job_batch
+    cpu = torch.device("cpu")
+    allowed = r"\['auto', 'bf16', 'fp16', 'fp32'\], got 'fp64'"
+    with pytest.raises(ValueError, match=allowed):
+        coupling_job.make_generate_fn(net, guide, job(precision="fp64"), cpu)
+    with pytest.raises(ValueError, match=allowed):
+        coupling_job.fingerprint(tmp_path, tmp_path, job(precision="fp64"), 7, cpu)
+    with pytest.raises(ValueError, match=allowed):
+        accel.resolve_precision("fp64", "cuda")
+    with pytest.raises(ValueError, match="fast_path must be true or false"):
+        coupling_job.make_generate_fn(net, guide, job(fast_path="yes"), cpu)
+
+
+def test_job_bf16_autocast_on_cpu(job_batch, tmp_path, one_thread):
+    import copy
+
+    from remeanflow import coupling_job
+
+    if not torch.amp.is_autocast_available("cpu"):
+        pytest.skip("this torch has no CPU autocast")
+    net, guide, noise, labels = job_batch
+    cpu = torch.device("cpu")
+    ref = coupling_job.make_generate_fn(net, guide, job(), cpu)(noise, labels)
+    out = coupling_job.make_generate_fn(net, guide, job(precision="bf16"), cpu)(noise, labels)
+    # really reduced precision (not the fp32 numbers), and still the same ODE up to bf16 rounding
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and not torch.equal(out, ref)
+    assert _rel_err(out, ref) < 5e-2
+    fast = coupling_job.make_generate_fn(copy.deepcopy(net), copy.deepcopy(guide),
+                                         job(precision="bf16", fast_path=True), cpu)(noise, labels)
+    assert _rel_err(fast, ref) < 5e-2
+    teacher = tmp_path / "net.pt"
+    teacher.write_bytes(b"teacher")
+    assert coupling_job.fingerprint(teacher, teacher, job(precision="bf16"), 7, cpu)["precision"] == "bf16"

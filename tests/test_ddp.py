@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 import torch
 
-from remeanflow import checkpoints, launch, train
+from remeanflow import checkpoints, launch, train, train_state
 from remeanflow.couplings import open_couplings
 from remeanflow.loader import CouplingStream
 
@@ -259,7 +259,7 @@ def test_snapshots_are_kept_and_hold_the_ema(ddp_run):
     assert sorted(p.name for p in work.glob("ckpt-*.pt")) == ["ckpt-00000004.pt"]  # keep_checkpoints=1 ...
     snaps = sorted((work / "snapshots").glob("ema-step-*.pt"))
     assert [p.name for p in snaps] == ["ema-step-00000002.pt", "ema-step-00000004.pt"]  # ... snapshots stay
-    assert snaps[0] == train.snapshot_path(work, 2)
+    assert snaps[0] == train_state.snapshot_path(work, 2)
     ckpt = load(work / "ckpt-00000004.pt")
     first, last = (checkpoints.load_net(p) for p in snaps)
     for snap, step in ((first, 2), (last, 4)):
@@ -323,7 +323,7 @@ def test_resume_two_ranks_on_one(ddp_run, data, tmp_path, caplog, monkeypatch):
 
     # Nothing left to train: the outputs are the checkpoint's model and EMA, exactly.
     kw = train_kw(data["heavy"], data["teacher"], tmp_path, snapshot_every=2)
-    with caplog.at_level(logging.WARNING, logger="remeanflow.train"):
+    with caplog.at_level(logging.WARNING, logger="remeanflow.loader"):
         same = train.train_meanflow(**kw)
     assert same["steps_run"] == 0 and same["resumed_from"] == 4 and same["world_size"] == 1
     warning = " ".join(r.getMessage() for r in caplog.records)

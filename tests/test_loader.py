@@ -1,8 +1,10 @@
 """CouplingStream: exact batch sizes, whole-chunk reads, epoch coverage across ranks, truncation,
-determinism, resume from state, fingerprint and geometry errors."""
+determinism, resume from state, fingerprint and geometry errors; `open_stream` (a training
+process's stream: fresh, resumed, relaid out)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 
 from remeanflow import couplings as C
-from remeanflow.loader import CouplingStream, first_unstarted_epoch, keyed_seed
+from remeanflow.loader import CouplingStream, first_unstarted_epoch, keyed_seed, open_stream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_worker import FINGERPRINT, make_couplings  # noqa: E402
@@ -198,6 +200,33 @@ def test_relayout_starts_at_the_first_unstarted_epoch_and_covers_it(sets, which)
     ids = np.concatenate(take_ids(new, samples_per_epoch(new, epoch)))
     np.testing.assert_array_equal(np.sort(ids), np.sort(kept_ids(sets[which])))
     assert new.epoch == epoch + 1
+
+
+def test_open_stream_fresh_resumed_and_relaid_out(sets, caplog):
+    """A training process's stream: the global batch split over `world`; the saved position of its
+    rank under the same layout; under another layout the first unstarted epoch, with a warning
+    from rank 0 only."""
+    reader = C.open_couplings(sets["normal"])
+    kw = dict(batch_size=6, seed=8, window_chunks=2)
+    old = [open_stream(reader, rank=r, world=2, **kw) for r in range(2)]
+    assert [(s.batch_size, s.rank, s.world_size) for s in old] == [(3, 0, 2), (3, 1, 2)]
+    for s, n in zip(old, (5, 9)):
+        take_ids(s, n)
+    saved = [s.state_dict() for s in old]
+    with caplog.at_level(logging.WARNING, logger="remeanflow.loader"):
+        again = open_stream(reader, rank=1, world=2, saved_streams=saved, ckpt_path="ckpt-00000007.pt", step=7, **kw)
+        assert again.state_dict() == saved[1] and not caplog.records
+        one = open_stream(reader, rank=0, world=1, saved_streams=saved, ckpt_path="ckpt-00000007.pt", step=7, **kw)
+    epoch = first_unstarted_epoch(saved)
+    assert (one.batch_size, one.epoch, one.window, one.offset) == (6, epoch, 0, 0)
+    (record,) = caplog.records
+    assert record.getMessage().startswith("ckpt-00000007.pt: saved by 2 process(es), resumed by 1. Model, EMA, "
+                                          "optimiser and step 7 carry over exactly and the global batch stays 6 (6 per")
+    assert f"every process starts at epoch {epoch} (saved ranks were at epochs" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="remeanflow.loader"):
+        three = [open_stream(reader, rank=r, world=3, saved_streams=saved, step=7, **kw) for r in range(3)]
+    assert len(caplog.records) == 1 and [s.batch_size for s in three] == [2, 2, 2]
 
 
 def test_relayout_refuses_what_is_not_one_whole_layout_of_the_same_stream(sets):

@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from remeanflow import checkpoints, meanflow, networks, train
+from remeanflow import checkpoints, meanflow, networks, train, train_state
 from remeanflow.couplings import FingerprintMismatchError
 from remeanflow.fileio import sha256_file
 
@@ -92,7 +92,7 @@ def metrics_steps(path: Path) -> list[int]:
     if not path.exists():
         return []
     lines = path.read_text().splitlines()[1:]
-    return [int(line.split(",")[0]) for line in lines if line.count(",") == len(train.METRICS_COLUMNS) - 1]
+    return [int(line.split(",")[0]) for line in lines if line.count(",") == len(train_state.METRICS_COLUMNS) - 1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def metrics_steps(path: Path) -> list[int]:
 def test_stage1_learns_stops_exactly_and_writes_outputs(data, stage1):
     root, summary = stage1["root"], stage1["summary"]
     metrics = pd.read_csv(root / "out" / "metrics.csv")
-    assert list(metrics.columns) == list(train.METRICS_COLUMNS)
+    assert list(metrics.columns) == list(train_state.METRICS_COLUMNS)
     assert metrics["step"].tolist() == list(range(1, STAGE1_STEPS + 1))
     assert (metrics["w_pi"] == 1.0).all() and (metrics["lr"] == TRAIN_KW["lr"]).all()
     assert metrics["kept_fraction"].between(0.5, 1.0).all() and (metrics["kept_fraction"] < 1).any()
@@ -112,7 +112,7 @@ def test_stage1_learns_stops_exactly_and_writes_outputs(data, stage1):
     ema = checkpoints.load_net(root / "out" / "net_ema.pt")
     assert ema["meta"]["stage"] == 1 and ema["meta"]["step"] == STAGE1_STEPS and ema["meta"]["seed"] == TRAIN_KW["seed"]
     state = load_state(root / "out" / "train_state.pt")
-    assert state["format"] == train.TRAIN_STATE_FORMAT and state["step"] == STAGE1_STEPS and state["stage"] == 1
+    assert state["format"] == train_state.TRAIN_STATE_FORMAT and state["step"] == STAGE1_STEPS and state["stage"] == 1
     for k, v in state["ema"].items():
         assert torch.equal(v, ema["net"].state_dict()[k]), k
     model = networks.Precond(**state["init_kwargs"])
@@ -134,7 +134,7 @@ def test_stage1_learns_stops_exactly_and_writes_outputs(data, stage1):
     assert ckpt_steps(root / "work") == [30, 40]
     last = load_state(root / "work" / "ckpt-00000040.pt")
     assert all(torch.equal(last["ema"][k], v) for k, v in state["ema"].items())
-    assert last["metrics"].shape == (STAGE1_STEPS, len(train.METRICS_COLUMNS))
+    assert last["metrics"].shape == (STAGE1_STEPS, len(train_state.METRICS_COLUMNS))
 
 
 def test_rerun_after_the_end_trains_nothing_and_extending_resumes(data, stage1, tmp_path):
@@ -232,7 +232,7 @@ def test_snapshots_keep_the_ema_of_every_nth_step(data, tmp_path):
     train.train_meanflow(**kw)
     work = tmp_path / "a" / "work"
     snaps = sorted((work / "snapshots").glob("*.pt"))
-    assert snaps == [train.snapshot_path(work, 2), train.snapshot_path(work, 4)]
+    assert snaps == [train_state.snapshot_path(work, 2), train_state.snapshot_path(work, 4)]
     assert [p.name for p in snaps] == ["ema-step-00000002.pt", "ema-step-00000004.pt"]
     # Step 2's snapshot is the EMA a 2-step run ends with; step 4's is this run's final EMA.
     train.train_meanflow(**run_kw(data, tmp_path / "b", iterations=2))
@@ -306,11 +306,11 @@ def test_compiled_loss_takes_the_same_steps(data, stage1, tmp_path):
 
 def test_stage2_starts_from_stage1_model_and_ema(stage1):
     state = load_state(stage1["root"] / "out" / "train_state.pt")
-    start = train._load_start(stage1["root"] / "out" / "train_state.pt", stage=2)
+    start = train_state.load_start(stage1["root"] / "out" / "train_state.pt", stage=2)
     assert all(torch.equal(start.net.state_dict()[k], v) for k, v in state["model"].items())
     assert all(torch.equal(start.ema.state_dict()[k], v) for k, v in state["ema"].items())
     with pytest.raises(ValueError, match="not a Re-MeanFlow train_state.pt"):
-        train._load_start(stage1["root"] / "out" / "net_ema.pt", stage=2)
+        train_state.load_start(stage1["root"] / "out" / "net_ema.pt", stage=2)
 
 
 def test_bad_arguments_fail_before_training(data, tmp_path):
@@ -327,7 +327,7 @@ def test_bad_arguments_fail_before_training(data, tmp_path):
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
         train.train_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
-        train._check_layout(dict(batch_size=8, jvp="forward"), 3)
+        train.check_layout(dict(batch_size=8, jvp="forward"), 3)
     other = tmp_path / "other.pt"
     checkpoints.save_net(other, networks.build("tiny", img_resolution=16))
     with pytest.raises(ValueError, match=r"couplings are \[2, 8, 8\] but the net in .*other.pt expects \[2, 16, 16\]"):

@@ -10,7 +10,7 @@ with step(smk) as s:
     shape = [net_kwargs["img_channels"], net_kwargs["img_resolution"], net_kwargs["img_resolution"]]
     spec = dict(
         index=smk.input.index, teacher=smk.input.teacher, guide=smk.input.guide, work=smk.params.work,
-        output=smk.output[0], shard=int(smk.wildcards.shard), shape=shape, cfg=c.to_dict(), seed=s.settings.seed,
+        output=smk.output[0], shard=int(smk.wildcards.shard), shape=shape, couplings=c.to_dict(), seed=s.settings.seed,
     )
     s.seeds["noise"] = s.settings.seed
     processes = max(c.processes, int(smk.resources.get("gpu", 0) or 0), 1)
