@@ -1,4 +1,4 @@
-"""Provenance sidecars: `<output>.provenance.json` next to every artifact (DESIGN.md §6).
+"""Provenance sidecars: `<output>.provenance.json` next to every artifact (docs/architecture.md).
 
 A sidecar records what made the artifact: the rule and wildcards, the config subset the rule
 depends on (and its hash), every input with its content hash, the code version (git commit, dirty
@@ -103,13 +103,21 @@ def code_hash(files: list[Path] | None = None) -> str:
     return h.hexdigest()[:16]
 
 
+# Modules in every closure whose effect on a rule's outputs is entirely the settings values it
+# hands the rule, which are the rule's other params value: leaving them out means that adding a
+# setting reruns only the rules that setting enters.
+NOT_CODE_VERSION = ("settings.py",)
+
+
 def script_code_hash(script) -> str:
-    """Code version of a workflow script: the hash of its import closure inside `remeanflow/`.
+    """Code version of a workflow script: the hash of its import closure inside `remeanflow/`
+    (less `NOT_CODE_VERSION`).
 
     Snakemake's code trigger sees a script's own text, not the modules it imports; rules pass this
     as a `params:` value, so editing a module reruns exactly the rules whose scripts reach it.
     """
-    return code_hash(import_closure(script))
+    files = [f for f in import_closure(script) if f.relative_to(PACKAGE_DIR).as_posix() not in NOT_CODE_VERSION]
+    return code_hash(files)
 
 
 def git_state(repo=None) -> dict:

@@ -49,8 +49,12 @@ class Section:
     RULES: ClassVar[tuple[str, ...]] = ()  # rules whose outputs every field changes by default
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):
-            check_value(type(self).__name__ + "." + f.name, getattr(self, f.name), f.metadata)
+        for f, tp in _fields(type(self)):
+            key, value = type(self).__name__ + "." + f.name, getattr(self, f.name)
+            check_value(key, value, f.metadata)
+            choices = _choices(tp)
+            if choices is not None and value not in choices:
+                raise ValueError(f"config key {key} = {value!r}: must be one of {list(choices)}")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (tuples as lists), nested sections as dicts."""
@@ -233,7 +237,7 @@ class TimeSamplerSettings(Section):
     """(t, r) of one training batch (`meanflow.sample_t_r`)."""
 
     RULES = ("train_stage1", "train_stage2")
-    a: float = setting(4.0, "U-shaped p(t) ~ exp(a t) + exp(-a t)", gt=0)
+    a: float = setting(4.0, "U-shaped p(t) ~ exp(a t) + exp(a (1 - t)) on [0, 1]", gt=0)
     p_mean: float = setting(-0.8, "t - r = sigmoid(N(p_mean, p_std))")
     p_std: float = setting(1.0, "t - r = sigmoid(N(p_mean, p_std))", gt=0)
     high_t: float = setting(0.95, "high-variance rule: where t > high_t and r < high_r, r = 0 (official code: "
@@ -387,6 +391,7 @@ class Settings(Section):
 # Types -> schema, coercion, construction.
 
 
+@functools.cache
 def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls)]
@@ -399,6 +404,14 @@ def _split_optional(tp) -> tuple[Any, bool]:
         if len(args) == 1 and len(typing.get_args(tp)) == 2:
             return args[0], True
     return tp, False
+
+
+def _choices(tp) -> tuple | None:
+    """The allowed values of a `Literal` (or optional `Literal`) field, else None."""
+    inner, nullable = _split_optional(tp)
+    if typing.get_origin(inner) is not Literal:
+        return None
+    return (*typing.get_args(inner), None) if nullable else typing.get_args(inner)
 
 
 def _is_section(tp) -> bool:

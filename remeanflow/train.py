@@ -47,8 +47,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
-import json
 import math
 import os
 import time
@@ -65,6 +63,7 @@ from .fileio import sha256_file
 from .loader import check_fingerprint_subset, keyed_seed, open_stream
 from .meanflow import cfg_weights, drop_labels, sample_t_r
 from .misc import require_int, tail_mean
+from .settings import TrainSettings, build
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 # Parameters that do not enter u(x_t, t, r | c): the teacher's ln(sigma)/4 embedding (replaced by
@@ -182,53 +181,18 @@ def draw_step(config: dict[str, Any], batch: dict[str, Any], step: int, rank: in
 # Configuration.
 
 
-def _time_sampler_keys() -> set[str]:
-    return set(inspect.signature(sample_t_r).parameters) - {"batch", "generator", "device"}
-
-
-def hyperparameters(
-    *,
-    stage: int,
-    batch_size: int,
-    lr: float,
-    betas: tuple[float, float],
-    eps: float,
-    weight_decay: float,
-    ema_decay: float,
-    grad_clip: float | None,
-    class_dropout: float,
-    w_max: float | None,
-    time_sampler: dict[str, Any],
-    p: float,
-    c: float,
-    jvp: str,
-    seed: int,
-    compile: str | None = None,
-) -> dict[str, Any]:
-    """The checked settings of the optimisation itself (see `train_meanflow`), as plain JSON
-    values: what `build_trainer`, `draw_step` and `train_step` read."""
-    if stage not in (1, 2):
-        raise ValueError(f"stage must be 1 or 2, got {stage!r}")
-    require_int("batch_size", batch_size, 1)
-    if stage == 2 and (w_max is None or not w_max >= 1):
-        raise ValueError(f"stage 2 needs w_max >= 1 (the CFG scale is drawn from U(1, w_max)), got {w_max!r}")
-    if stage == 1 and w_max is not None:
-        raise ValueError("w_max is a stage-2 setting (stage 1 trains without guidance, w = w_pi = 1)")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
-    if not 0 <= class_dropout < 1:
-        raise ValueError(f"class_dropout must lie in [0, 1), got {class_dropout!r}")
-    if not 0 <= ema_decay < 1:
-        raise ValueError(f"ema_decay must lie in [0, 1), got {ema_decay!r}")
-    unknown = set(time_sampler) - _time_sampler_keys()
-    if unknown:
-        raise ValueError(f"time_sampler: unknown keys {sorted(unknown)}; known: {sorted(_time_sampler_keys())}")
-    accel.check_loss_settings(jvp, compile)
-    return json.loads(json.dumps(dict(
-        stage=stage, batch_size=batch_size, lr=lr, betas=list(betas), eps=eps, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, class_dropout=class_dropout, w_max=w_max,
-        time_sampler=dict(time_sampler), p=p, c=c, jvp=jvp, seed=seed, compile=compile,
-    )))
+def hyperparameters(settings: TrainSettings, stage: int, seed: int) -> dict[str, Any]:
+    """The settings of one stage's optimisation as plain JSON values: what `build_trainer`,
+    `draw_step` and `train_step` read, and what a checkpoint's configuration hash covers. The
+    settings' own bounds were checked when they were built; the jvp/compile pairing here."""
+    own = settings.stage(stage)
+    accel.check_loss_settings(settings.jvp, settings.compile)
+    return dict(
+        stage=stage, batch_size=settings.batch_size, lr=settings.lr, betas=list(settings.betas), eps=settings.eps,
+        weight_decay=settings.weight_decay, ema_decay=settings.ema_decay, grad_clip=own.grad_clip,
+        class_dropout=settings.class_dropout, w_max=own.w_max, time_sampler=settings.time_sampler.to_dict(),
+        p=settings.p, c=settings.c, jvp=settings.jvp, seed=seed, compile=settings.compile,
+    )
 
 
 def check_layout(config: dict[str, Any], world: int) -> None:
@@ -328,49 +292,23 @@ def train_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = 
 
 
 def train_meanflow(
+    settings: TrainSettings,  # the `train` config section: both stages' settings
     *,
-    manifest,
-    init,
-    out_dir,
-    work_dir,
-    stage: int,
-    iterations: int,
-    batch_size: int,
-    lr: float = 1e-4,
-    betas: tuple[float, float] = (0.9, 0.99),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    ema_decay: float = 0.9999,
-    grad_clip: float | None = None,
-    class_dropout: float = 0.1,
-    w_max: float | None = None,
-    time_sampler: dict[str, Any] | None = None,
-    p: float = 0.5,
-    c: float = 1e-2,
-    jvp: str = "tangent",
-    compile: str | None = None,
-    checkpoint_every: int = 1000,
-    keep_checkpoints: int = 2,
-    snapshot_every: int | None = None,
-    seed: int = 0,
-    window_chunks: int = 4,
-    expected_fingerprint: dict[str, Any] | None = None,
-    mixed_precision: str = "auto",
-    progress: bool = True,
-    on_stale_work_dir: str = "refuse",
-    fail_at_step: int | None = None,
+    stage: int,  # 1 (plain target) or 2 (CFG target); its own settings are settings.stage(stage)
+    manifest,  # coupling manifest (`couplings.merge_shards`)
+    init,  # stage 1: a `checkpoints.save_net` file; stage 2: stage 1's out_dir/train_state.pt
+    out_dir,  # where the outputs go, written only after the last step
+    work_dir,  # checkpoints, snapshots and the live metrics.csv; resumed from
+    seed: int = 0,  # keys every random draw (`draw_step`) and the coupling order
+    expected_fingerprint: dict[str, Any] | None = None,  # keys the couplings' fingerprint must have
+    keep_checkpoints: int = 2,  # newest checkpoints kept in work_dir
+    mixed_precision: str = "auto",  # "auto": bf16 on CUDA, none on the CPU; "no"; "bf16"
+    progress: bool = True,  # tqdm bar on the main process
+    on_stale_work_dir: str = "refuse",  # "refuse" or "archive" a work_dir made with other settings
+    fail_at_step: int | None = None,  # TESTING HOOK: the loss becomes NaN at this step
 ) -> dict[str, Any]:
-    """Train for exactly `iterations` steps in total (resuming from work_dir); see the module docstring.
-
-    manifest: coupling manifest (`couplings.merge_shards`). init: stage 1, a `checkpoints.save_net`
-    file; stage 2, stage 1's `out_dir/train_state.pt`. batch_size: the global batch. time_sampler:
-    keyword arguments of `meanflow.sample_t_r` (a, p_mean, p_std, high_t, high_r, ratio_r_neq_t,
-    ...). p, c: adaptive loss weight; jvp: `meanflow.jvp_t` mode. compile: torch.compile backend
-    of the loss ("inductor"; None: eager), forward, tangent and backward as graphs; the first step
-    compiles, and compiled steps round differently from eager ones, so it is part of the
-    configuration hash. grad_clip: max gradient norm (paper: stage 2 1.0, stage 1 None).
-    mixed_precision "auto": bf16 on CUDA, none on the CPU. expected_fingerprint: keys the
-    couplings' fingerprint must have (e.g. the teacher checksum).
+    """Train stage `stage` for exactly `settings.stage(stage).iterations` steps in total, resuming
+    from work_dir; see the module docstring.
 
     work_dir holds `ckpt-<step>.pt` every `checkpoint_every` steps and at the end (the newest
     `keep_checkpoints` are kept) and a live `metrics.csv` (`train_state`). On start the newest
@@ -378,21 +316,18 @@ def train_meanflow(
     ValueError names the differing settings (on_stale_work_dir="refuse", the default for library
     use) or the stale work_dir is moved to `<work_dir>.stale-<hash>` and training starts fresh
     ("archive", what the workflow passes: Snakemake reruns a job only when its inputs or
-    parameters changed). The hash covers everything that shapes the trajectory: the
-    hyperparameters, seed, window_chunks, resolved mixed precision, the init file's sha256 and the
-    coupling set (fingerprint/index hash, count, truncation threshold) -- not `iterations` (a
-    finished run can be extended), checkpointing, snapshots, progress, the testing hook, nor the
-    number of processes (a checkpoint resumes under another one; module docstring).
-    snapshot_every N (None: off): the EMA net of every step divisible by N goes to
-    `train_state.snapshot_path(work_dir, step)`, `save_net` format with meta stage, step, seed,
-    ema_decay, config_hash, num_processes; never pruned.
+    parameters changed). The hash covers everything that shapes the trajectory: `hyperparameters`,
+    window_chunks, resolved mixed precision, the init file's sha256 and the coupling set
+    (fingerprint/index hash, count, truncation threshold) -- not `iterations` (a finished run can
+    be extended), checkpointing, snapshots, progress, the testing hook, nor the number of processes
+    (a checkpoint resumes under another one; module docstring). With `snapshot_every` N the EMA net
+    of every step divisible by N goes to `train_state.snapshot_path(work_dir, step)`, never pruned.
 
     Outputs, written only after the last step, atomically, by the main process: out_dir/
-    `train_state.pt` (model, EMA, step, config), `net_ema.pt` (the EMA net, `save_net` format,
-    meta as for snapshots) and `metrics.csv` (one row per step 1..iterations:
-    `train_state.METRICS_COLUMNS`). A NaN/inf loss or gradient norm raises NonFiniteError naming
-    the step; out_dir is untouched and work_dir keeps the last good checkpoint. `fail_at_step` is
-    a TESTING HOOK: it makes the loss NaN at that step.
+    `train_state.pt` (model, EMA, step, config), `net_ema.pt` (the EMA net, `save_net` format) and
+    `metrics.csv` (one row per step 1..iterations: `train_state.METRICS_COLUMNS`). A NaN/inf loss
+    or gradient norm raises NonFiniteError naming the step; out_dir is untouched and work_dir keeps
+    the last good checkpoint.
 
     Returns a summary: steps, resumed_from, seconds, seconds_per_step, final_loss (mean of the
     last 10% of steps), world_size, paths (main process; other processes get paths = {}).
@@ -401,17 +336,11 @@ def train_meanflow(
         raise ValueError(f"on_stale_work_dir must be 'refuse' or 'archive', got {on_stale_work_dir!r}")
     accelerator = make_accelerator(mixed_precision)
     world = accelerator.num_processes
-    hyper = hyperparameters(
-        stage=stage, batch_size=batch_size, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-        ema_decay=ema_decay, grad_clip=grad_clip, class_dropout=class_dropout, w_max=w_max,
-        time_sampler=dict(time_sampler or {}), p=p, c=c, jvp=jvp, seed=seed, compile=compile,
-    )
+    hyper = hyperparameters(settings, stage, seed)
     check_layout(hyper, world)
-    for name, value in (("iterations", iterations), ("checkpoint_every", checkpoint_every),
-                        ("keep_checkpoints", keep_checkpoints)):
-        require_int(name, value, 1)
-    if snapshot_every is not None:
-        require_int("snapshot_every", snapshot_every, 1)
+    require_int("keep_checkpoints", keep_checkpoints, 1)
+    iterations, batch_size = settings.stage(stage).iterations, settings.batch_size
+    checkpoint_every, snapshot_every = settings.checkpoint_every, settings.snapshot_every
     out_dir, work_dir = Path(out_dir), Path(work_dir)
 
     reader = open_couplings(manifest)
@@ -420,7 +349,7 @@ def train_meanflow(
     start = train_state.load_start(init, stage)
     train_state.check_data_fits_net(reader, start.net, init)
     config = dict(
-        hyper, window_chunks=window_chunks, mixed_precision=accelerator.mixed_precision, init_sha256=sha256_file(init),
+        hyper, window_chunks=settings.window_chunks, mixed_precision=accelerator.mixed_precision, init_sha256=sha256_file(init),
         couplings=dict(fingerprint_hash=reader.manifest["fingerprint_hash"], index_hash=reader.manifest["index_hash"],
                        total=reader.total, threshold=reader.threshold),
     )
@@ -489,6 +418,4 @@ if __name__ == "__main__":  # one rank of `launch.launch_module("remeanflow.trai
     from .launch import read_spec
 
     spec = read_spec(sys.argv)
-    if "betas" in spec:
-        spec["betas"] = tuple(spec["betas"])
-    train_meanflow(**spec)
+    train_meanflow(build(TrainSettings, spec.pop("settings")), **spec)

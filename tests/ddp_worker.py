@@ -30,6 +30,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import hyperparameters, run_meanflow  # noqa: E402
+
 # The trainer of the grads checks: stage 2 (the CFG target's extra forwards go through the
 # model too), no clipping (a clip would apply to each rank's own norm in the trap step).
 HYPER = dict(stage=2, batch_size=8, lr=1e-3, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.0, ema_decay=0.9,
@@ -80,7 +83,7 @@ def grads_check(acc, spec: dict, jvp: str, record: Path) -> None:
 
     rank, batch = acc.process_index, spec["batch"]
     net = checkpoints.load_net(spec["init"])["net"]
-    trainer = train.build_trainer(acc, net, copy.deepcopy(net), train.hyperparameters(**{**HYPER, "jvp": jvp}))
+    trainer = train.build_trainer(acc, net, copy.deepcopy(net), hyperparameters(**{**HYPER, "jvp": jvp}))
     world = acc.num_processes
     mine = [rows(global_inputs(step, world * batch), rank * batch, (rank + 1) * batch) for step in (1, 2)]
 
@@ -163,7 +166,6 @@ def record_draws(draws: list[dict]) -> None:
 def main() -> None:
     from accelerate import PartialState
 
-    from remeanflow import train
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
@@ -176,9 +178,7 @@ def main() -> None:
         grads_checks(spec["grads"], record)
     summary = None
     if spec.get("train"):
-        kw = dict(spec["train"])
-        kw["betas"] = tuple(kw.get("betas", (0.9, 0.99)))
-        summary = train.train_meanflow(**kw)
+        summary = run_meanflow(**spec["train"])
 
     state = PartialState()
     env = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")}

@@ -34,7 +34,7 @@ from remeanflow.loader import CouplingStream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import HYPER, global_inputs  # noqa: E402
-from train_worker import TRAIN_KW, make_couplings, make_teacher  # noqa: E402
+from train_worker import TRAIN_KW, hyperparameters, make_couplings, make_teacher, run_meanflow  # noqa: E402
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -171,7 +171,7 @@ def test_two_ranks_take_the_same_step_as_one_rank_with_the_whole_batch(two_nodes
     acc = train.make_accelerator("no")
     net = checkpoints.load_net(data["teacher"])["net"]
     ema = checkpoints.load_net(data["teacher"])["net"]
-    trainer = train.build_trainer(acc, net, ema, train.hyperparameters(**{**HYPER, "jvp": jvp}))
+    trainer = train.build_trainer(acc, net, ema, hyperparameters(**{**HYPER, "jvp": jvp}))
     ref_rows = [train.train_step(trainer, global_inputs(1, 2 * PER_RANK), 1)]
     ref_grads = {n: p.grad.clone() for n, p in trainer.net.named_parameters() if p.grad is not None}
     ref_rows.append(train.train_step(trainer, global_inputs(2, 2 * PER_RANK), 2))
@@ -324,7 +324,7 @@ def test_resume_two_ranks_on_one(ddp_run, data, tmp_path, caplog, monkeypatch):
     # Nothing left to train: the outputs are the checkpoint's model and EMA, exactly.
     kw = train_kw(data["heavy"], data["teacher"], tmp_path, snapshot_every=2)
     with caplog.at_level(logging.WARNING, logger="remeanflow.loader"):
-        same = train.train_meanflow(**kw)
+        same = run_meanflow(**kw)
     assert same["steps_run"] == 0 and same["resumed_from"] == 4 and same["world_size"] == 1
     warning = " ".join(r.getMessage() for r in caplog.records)
     assert "saved by 2 process(es), resumed by 1" in warning and f"every process starts at epoch {epoch}" in warning
@@ -342,7 +342,7 @@ def test_resume_two_ranks_on_one(ddp_run, data, tmp_path, caplog, monkeypatch):
         return draw_step(config, batch, step, rank, device)
 
     monkeypatch.setattr(train, "draw_step", recording)
-    more = train.train_meanflow(**dict(kw, iterations=5))
+    more = run_meanflow(**dict(kw, iterations=5))
     assert more["steps_run"] == 1 and more["resumed_from"] == 4
     after = load(tmp_path / "work" / "ckpt-00000005.pt")
     assert after["step"] == 5 and after["num_processes"] == 1
@@ -359,7 +359,7 @@ def test_resume_two_ranks_on_one(ddp_run, data, tmp_path, caplog, monkeypatch):
 
 def test_resume_one_rank_on_two(data, tmp_path):
     kw = train_kw(data["manifest"], data["teacher"], tmp_path, iterations=2)
-    train.train_meanflow(**kw)
+    run_meanflow(**kw)
     saved = load(tmp_path / "work" / "ckpt-00000002.pt")
     assert saved["num_processes"] == 1
     epoch = first_unstarted_epoch(saved["streams"])

@@ -23,7 +23,7 @@ from remeanflow.couplings import FingerprintMismatchError
 from remeanflow.fileio import sha256_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import TRAIN_KW, make_couplings, make_teacher  # noqa: E402
+from train_worker import TRAIN_KW, make_couplings, make_teacher, run_meanflow  # noqa: E402
 
 WORKER = Path(__file__).with_name("train_worker.py")
 REPO = Path(__file__).resolve().parent.parent
@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 def stage1(data):
     """One stage-1 run of STAGE1_STEPS steps, shared by the tests that only read it."""
     root = data["root"] / "stage1"
-    summary = train.train_meanflow(
+    summary = run_meanflow(
         manifest=data["manifest"], init=data["teacher"], out_dir=root / "out", work_dir=root / "work", stage=1,
         iterations=STAGE1_STEPS, checkpoint_every=10, **TRAIN_KW,
     )
@@ -139,11 +139,11 @@ def test_stage1_learns_stops_exactly_and_writes_outputs(data, stage1):
 
 def test_rerun_after_the_end_trains_nothing_and_extending_resumes(data, stage1, tmp_path):
     shutil.copytree(stage1["root"] / "work", tmp_path / "work")
-    again = train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS, checkpoint_every=10))
+    again = run_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS, checkpoint_every=10))
     assert again["steps_run"] == 0 and again["resumed_from"] == STAGE1_STEPS
     a, b = load_state(tmp_path / "out" / "train_state.pt"), load_state(stage1["root"] / "out" / "train_state.pt")
     assert all(torch.equal(a["ema"][k], v) for k, v in b["ema"].items())
-    longer = train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 3, checkpoint_every=10))
+    longer = run_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 3, checkpoint_every=10))
     assert longer["steps_run"] == 3 and longer["resumed_from"] == STAGE1_STEPS
     assert pd.read_csv(tmp_path / "out" / "metrics.csv")["step"].tolist() == list(range(1, STAGE1_STEPS + 4))
 
@@ -151,9 +151,9 @@ def test_rerun_after_the_end_trains_nothing_and_extending_resumes(data, stage1, 
 def test_resume_with_changed_hyperparameters_is_refused(data, stage1, tmp_path):
     shutil.copytree(stage1["root"] / "work", tmp_path / "work")
     with pytest.raises(ValueError, match=r"different settings \(lr: 0.001 -> 0.002\); refusing to resume"):
-        train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, lr=2e-3))
+        run_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, lr=2e-3))
     with pytest.raises(ValueError, match=r"ema_decay: 0.9 -> 0.8; seed: 3 -> 4"):
-        train.train_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, ema_decay=0.8, seed=4))
+        run_meanflow(**run_kw(data, tmp_path, iterations=STAGE1_STEPS + 1, ema_decay=0.8, seed=4))
     assert not (tmp_path / "out").exists()
     assert ckpt_steps(tmp_path / "work") == [30, 40]
 
@@ -162,20 +162,20 @@ def test_stale_work_dir_is_archived_when_asked(data, stage1, tmp_path):
     """What the workflow does when Snakemake reruns a stage with changed settings: the old work_dir
     is moved aside, not resumed and not deleted, and training starts from step 1."""
     shutil.copytree(stage1["root"] / "work", tmp_path / "work")
-    summary = train.train_meanflow(**run_kw(data, tmp_path, iterations=3, lr=2e-3, on_stale_work_dir="archive"))
+    summary = run_meanflow(**run_kw(data, tmp_path, iterations=3, lr=2e-3, on_stale_work_dir="archive"))
     assert summary["resumed_from"] is None and summary["steps"] == 3
     stale = list(tmp_path.glob("work.stale-*"))
     assert len(stale) == 1 and ckpt_steps(stale[0]) == [30, 40]
     assert ckpt_steps(tmp_path / "work")[-1] == 3
     with pytest.raises(ValueError, match="on_stale_work_dir"):
-        train.train_meanflow(**run_kw(data, tmp_path, iterations=3, on_stale_work_dir="delete"))
+        run_meanflow(**run_kw(data, tmp_path, iterations=3, on_stale_work_dir="delete"))
 
 
 def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     """SIGKILL a worker between checkpoints (after it logged steps past the last one), rerun it to
     the end: EMA, model and logged losses equal an uninterrupted run's exactly."""
     iterations = 12
-    ref = train.train_meanflow(**run_kw(data, tmp_path / "ref", iterations=iterations, checkpoint_every=3))
+    ref = run_meanflow(**run_kw(data, tmp_path / "ref", iterations=iterations, checkpoint_every=3))
 
     run = tmp_path / "killed"
     proc = start_worker(data, run, "--iterations", str(iterations), "--checkpoint-every", "3", "--sleep", "0.25")
@@ -217,25 +217,25 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
 def test_nan_loss_stops_without_outputs_and_keeps_the_last_checkpoint(data, tmp_path):
     kw = run_kw(data, tmp_path, iterations=5, checkpoint_every=2)
     with pytest.raises(train.NonFiniteError, match=r"non-finite loss \(nan\) at step 3") as info:
-        train.train_meanflow(**kw, fail_at_step=3)
+        run_meanflow(**kw, fail_at_step=3)
     assert isinstance(info.value, FloatingPointError)
     assert not (tmp_path / "out").exists()
     assert ckpt_steps(tmp_path / "work") == [2]
     assert load_state(tmp_path / "work" / "ckpt-00000002.pt")["step"] == 2
     # The same run without the fault resumes from that checkpoint and finishes.
-    done = train.train_meanflow(**kw)
+    done = run_meanflow(**kw)
     assert done["resumed_from"] == 2 and (tmp_path / "out" / "net_ema.pt").exists()
 
 
 def test_snapshots_keep_the_ema_of_every_nth_step(data, tmp_path):
     kw = run_kw(data, tmp_path / "a", iterations=4, checkpoint_every=3, keep_checkpoints=1, snapshot_every=2)
-    train.train_meanflow(**kw)
+    run_meanflow(**kw)
     work = tmp_path / "a" / "work"
     snaps = sorted((work / "snapshots").glob("*.pt"))
     assert snaps == [train_state.snapshot_path(work, 2), train_state.snapshot_path(work, 4)]
     assert [p.name for p in snaps] == ["ema-step-00000002.pt", "ema-step-00000004.pt"]
     # Step 2's snapshot is the EMA a 2-step run ends with; step 4's is this run's final EMA.
-    train.train_meanflow(**run_kw(data, tmp_path / "b", iterations=2))
+    run_meanflow(**run_kw(data, tmp_path / "b", iterations=2))
     config_hash = load_state(tmp_path / "a" / "out" / "train_state.pt")["config_hash"]
     for path, step, final in ((snaps[0], 2, tmp_path / "b"), (snaps[1], 4, tmp_path / "a")):
         snap = checkpoints.load_net(path)
@@ -247,19 +247,19 @@ def test_snapshots_keep_the_ema_of_every_nth_step(data, tmp_path):
     first = sha256_file(snaps[0])
 
     # Extending the run adds snapshots; the earlier ones stay as they were (never pruned).
-    train.train_meanflow(**dict(kw, iterations=6))
+    run_meanflow(**dict(kw, iterations=6))
     assert sorted(p.name for p in (work / "snapshots").glob("*.pt"))[-1] == "ema-step-00000006.pt"
     assert len(list((work / "snapshots").glob("*.pt"))) == 3 and sha256_file(snaps[0]) == first
     assert ckpt_steps(work) == [6]
-    with pytest.raises(ValueError, match="snapshot_every must be an integer >= 1, got 0"):
-        train.train_meanflow(**run_kw(data, tmp_path / "c", snapshot_every=0))
+    with pytest.raises(ValueError, match="TrainSettings.snapshot_every = 0: must be >= 1"):
+        run_meanflow(**run_kw(data, tmp_path / "c", snapshot_every=0))
     assert not (tmp_path / "c").exists()
 
 
 def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
     init = stage1["root"] / "out" / "train_state.pt"
     kw = dict(run_kw(data, tmp_path, stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1e-12), ema_decay=0.0)
-    summary = train.train_meanflow(**kw)
+    summary = run_meanflow(**kw)
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert metrics["w_pi"].between(1.0, 2.5).all() and metrics["w_pi"].nunique() == 4
     assert metrics["w_pi"].tolist() == [train.draw_w_pi(TRAIN_KW["seed"], s, 2.5) for s in range(1, 5)]
@@ -275,7 +275,7 @@ def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
     start = net.state_dict()
     clipped = load_state(tmp_path / "out" / "train_state.pt")["model"]
     free = tmp_path / "free"
-    train.train_meanflow(**dict(kw, out_dir=free / "out", work_dir=free / "work", grad_clip=None))
+    run_meanflow(**dict(kw, out_dir=free / "out", work_dir=free / "work", grad_clip=None))
     unclipped = load_state(free / "out" / "train_state.pt")["model"]
 
     def moved(sd):
@@ -290,10 +290,10 @@ def test_compiled_loss_takes_the_same_steps(data, stage1, tmp_path):
     # runs them op by op, so the steps agree with the eager loop to rounding.
     init = stage1["root"] / "out" / "train_state.pt"
     kw = run_kw(data, tmp_path / "eager", stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1.0)
-    train.train_meanflow(**kw)
+    run_meanflow(**kw)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    train.train_meanflow(**dict(kw, out_dir=tmp_path / "compiled" / "out", work_dir=tmp_path / "compiled" / "work",
+    run_meanflow(**dict(kw, out_dir=tmp_path / "compiled" / "out", work_dir=tmp_path / "compiled" / "work",
                                 compile="eager"))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
     eager, compiled = (pd.read_csv(tmp_path / run / "out" / "metrics.csv") for run in ("eager", "compiled"))
@@ -314,26 +314,24 @@ def test_stage2_starts_from_stage1_model_and_ema(stage1):
 
 
 def test_bad_arguments_fail_before_training(data, tmp_path):
-    with pytest.raises(ValueError, match="w_max is a stage-2 setting"):
-        train.train_meanflow(**run_kw(data, tmp_path, w_max=2.0))
-    with pytest.raises(ValueError, match="stage 2 needs w_max >= 1"):
-        train.train_meanflow(**run_kw(data, tmp_path, stage=2))
-    with pytest.raises(ValueError, match=r"time_sampler: unknown keys \['ratio'\]"):
-        train.train_meanflow(**dict(run_kw(data, tmp_path), time_sampler={"ratio": 0.5}))
-    with pytest.raises(ValueError, match="unknown torch.compile backend 'inductr'"):
-        train.train_meanflow(**run_kw(data, tmp_path, compile="inductr"))
+    with pytest.raises(ValueError, match="train.stage1.w_max must be null"):
+        run_meanflow(**run_kw(data, tmp_path, w_max=2.0))
+    with pytest.raises(ValueError, match="train.stage2.w_max must be a number >= 1"):
+        run_meanflow(**run_kw(data, tmp_path, stage=2))
+    with pytest.raises(ValueError, match=r"TrainSettings.compile = 'inductr': must be one of"):
+        run_meanflow(**run_kw(data, tmp_path, compile="inductr"))
     with pytest.raises(ValueError, match="jvp='autograd' .* cannot be captured"):
-        train.train_meanflow(**run_kw(data, tmp_path, compile="inductor", jvp="autograd"))
+        run_meanflow(**run_kw(data, tmp_path, compile="inductor", jvp="autograd"))
     with pytest.raises(ValueError, match="mixed_precision must be one of"):
-        train.train_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
+        run_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
         train.check_layout(dict(batch_size=8, jvp="forward"), 3)
     other = tmp_path / "other.pt"
     checkpoints.save_net(other, networks.build("tiny", img_resolution=16))
     with pytest.raises(ValueError, match=r"couplings are \[2, 8, 8\] but the net in .*other.pt expects \[2, 16, 16\]"):
-        train.train_meanflow(**run_kw(data, tmp_path, init=other))
+        run_meanflow(**run_kw(data, tmp_path, init=other))
     with pytest.raises(FingerprintMismatchError, match="'teacher_sha256' is 'a+' in the couplings but '0'"):
-        train.train_meanflow(**run_kw(data, tmp_path, expected_fingerprint={"teacher_sha256": "0"}))
+        run_meanflow(**run_kw(data, tmp_path, expected_fingerprint={"teacher_sha256": "0"}))
     assert not (tmp_path / "out").exists()
 
 

@@ -32,6 +32,38 @@ FINGERPRINT = {"teacher_sha256": "a" * 64, "sampler": {"steps": 3}, "seed": 5}
 # Settings shared by the tests and the worker, so that an in-process run equals a worker run.
 TRAIN_KW = dict(batch_size=8, lr=1e-3, ema_decay=0.9, seed=3, window_chunks=2, progress=False,
                 time_sampler={"ratio_r_neq_t": 0.5})
+# Keywords of `train.train_meanflow` itself; the others are fields of the settings.
+RUN_KEYS = {"manifest", "init", "out_dir", "work_dir", "stage", "seed", "expected_fingerprint", "keep_checkpoints",
+            "mixed_precision", "progress", "on_stale_work_dir", "fail_at_step"}
+
+
+def train_settings(stage: int = 1, **flat):
+    """TrainSettings from flat keywords (fields of TrainSettings, of the stage's StageSettings, and
+    time_sampler as a dict); the other stage gets valid placeholder settings."""
+    from remeanflow.settings import StageSettings, TimeSamplerSettings, TrainSettings
+
+    own = StageSettings(**{k: flat.pop(k) for k in ("iterations", "grad_clip", "w_max") if k in flat})
+    if "time_sampler" in flat:
+        flat["time_sampler"] = TimeSamplerSettings(**flat["time_sampler"])
+    if "betas" in flat:
+        flat["betas"] = tuple(flat["betas"])
+    other = StageSettings(w_max=None if stage == 2 else 2.0)
+    return TrainSettings(**flat, stage1=own if stage == 1 else other, stage2=own if stage == 2 else other)
+
+
+def run_meanflow(**kw):
+    """`train.train_meanflow` called with flat keywords (see `train_settings`)."""
+    from remeanflow import train
+
+    run = {k: kw.pop(k) for k in list(kw) if k in RUN_KEYS}
+    return train.train_meanflow(train_settings(run.get("stage", 1), **kw), **run)
+
+
+def hyperparameters(stage: int, seed: int, **flat) -> dict:
+    """`train.hyperparameters` of flat keywords."""
+    from remeanflow import train
+
+    return train.hyperparameters(train_settings(stage, **flat), stage, seed)
 
 
 def make_couplings(root: Path, *, num_samples: int = 96, chunk: int = 8, num_shards: int = 2,
@@ -107,7 +139,7 @@ def main() -> None:
     train.update_ema = capture
 
     kw = dict(TRAIN_KW, batch_size=args.batch_size, lr=args.lr)
-    summary = train.train_meanflow(
+    summary = run_meanflow(
         manifest=args.manifest, init=args.init, out_dir=args.out_dir, work_dir=args.work_dir, stage=args.stage,
         iterations=args.iterations, checkpoint_every=args.checkpoint_every,
         w_max=2.0 if args.stage == 2 else None, grad_clip=1.0 if args.stage == 2 else None, **kw,

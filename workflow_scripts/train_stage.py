@@ -15,10 +15,9 @@ with step(smk) as s:
         # training refuses couplings made by another teacher, guide or sampler
         expected_fingerprint={"teacher_sha256": net_sha256(smk.input.teacher), "guide_sha256": net_sha256(smk.input.guide),
                               "sampler": settings.couplings.sampler.to_dict(), "seed": settings.seed},
-        train=settings.train.to_dict(),
     )
     processes = max(settings.train.processes, int(smk.resources.get("gpu", 0) or 0), 1)
     if processes == 1:
-        s.extra["summary"] = train.train_meanflow(**spec)
-    else:
-        launch_module("remeanflow.train", spec, processes, log_file=s.log_file)
+        s.extra["summary"] = train.train_meanflow(settings.train, **spec)
+    else:  # the spec travels as JSON to every rank
+        launch_module("remeanflow.train", {**spec, "settings": settings.train.to_dict()}, processes, log_file=s.log_file)
