@@ -3,7 +3,7 @@
 # `--profile profiles/slurm` (tests/test_slurm.py). Idempotent: safe to run again; a running
 # cluster with the same configuration is left alone.
 #
-# What it does (the recipe of shared/REFERENCE.md, "A real single-node Slurm"):
+# What it does (a recipe checked on this kind of machine; profiles/slurm/README.md):
 #   apt-get install slurmctld slurmd slurm-client munge (Debian's Slurm 22.05),
 #   /etc/slurm/slurm.conf + gres.conf (the plugin's job step strips SLURM_CONF, so the conf must
 #   be at the default path), a munge key, then munged, slurmctld and slurmd started directly

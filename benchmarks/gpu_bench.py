@@ -10,14 +10,14 @@
     (torch.cuda.max_memory_allocated over the timed steps). Reference: `jvp="autograd"` (the
     official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: the net's
     own tangent pass (`jvp="tangent"`; `--fast-jvp forward` for torch.func.jvp), bf16 autocast,
-    channels_last, the loss compiled as one graph (`accel.meanflow_loss_fn`), fused Adam.
+    channels_last, the loss compiled as one graph (`train_loss.meanflow_loss_fn`), fused Adam.
 
 The nets are random EDM2 nets with non-zero gains (`train_step.nonzero_gains_`); both paths of a
 part start from the same weights and see the same inputs. Numerics are checked before any speed
 is trusted: the largest per-sample relative L2 error of the fast endpoints against the
 reference (`--sampler-rtol`) and the relative difference of the first training step's loss
 (`--loss-rtol`); out of tolerance, the run prints the failure and exits 1 (the JSON records it).
-Targets (REFERENCE.md): coupling generation >= 29 samples/s on an H200 (2x the paper's code),
+Targets (benchmarks/README.md): coupling generation >= 29 samples/s on an H200 (2x the paper's code),
 stage-1 step at batch 64 <= 0.35 s with <= 0.6x the reference's memory; `--require-targets`
 makes a missed target an error too.
 
@@ -54,12 +54,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import make_batch, nonzero_gains_
 
-from remeanflow import accel, meanflow, misc, networks, sampling, train
+from remeanflow import accel, meanflow, misc, networks, sampling, train, train_loss
 from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this
-# order against torch.cuda.get_device_name(). REFERENCE.md's H200 figure (~790) came from a
+# order against torch.cuda.get_device_name(). benchmarks/README.md's H200 figure (~790) came from a
 # different source; pass --peak-tflops to use another value.
 PEAK_BF16_TFLOPS = (
     ("H200 NVL", 835.0),
@@ -69,7 +69,7 @@ PEAK_BF16_TFLOPS = (
     ("H100", 989.0),
     ("A100", 312.0),
 )
-TARGET_SAMPLES_PER_S_H200 = 29.0  # 2x the paper's code (14.4 samples/s, REFERENCE.md)
+TARGET_SAMPLES_PER_S_H200 = 29.0  # 2x the paper's code (14.4 samples/s, benchmarks/README.md)
 TARGET_STAGE1_B64_S = 0.35
 TARGET_MEMORY_RATIO = 0.6
 
@@ -243,14 +243,14 @@ def train_path(fast: bool, args: argparse.Namespace, init_state: dict, inputs: d
     net.load_state_dict(init_state)
     params = train.prepare_for_training(net)
     if fast:
-        loss_fn = accel.meanflow_loss_fn(net, jvp=args.fast_jvp, precision=args.fast_precision,
+        loss_fn = train_loss.meanflow_loss_fn(net, jvp=args.fast_jvp, precision=args.fast_precision,
                                          use_channels_last=args.channels_last, backend=args.compile_backend,
                                          mode=args.compile_mode)
         fused = device.type == "cuda"
         settings = dict(jvp=args.fast_jvp, precision=args.fast_precision, compile=args.compile_backend,
                         channels_last=args.channels_last, adam="fused" if fused else "default (fused Adam needs CUDA)")
     else:
-        loss_fn = accel.meanflow_loss_fn(net, jvp="autograd", precision=args.train_reference_precision)
+        loss_fn = train_loss.meanflow_loss_fn(net, jvp="autograd", precision=args.train_reference_precision)
         fused = False
         settings = dict(jvp="autograd", precision=args.train_reference_precision, compile=None, channels_last=False,
                         adam="default")
@@ -332,7 +332,7 @@ def train_part(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
 
 
 def targets(report: dict, device_name: str, smoke: bool) -> list[dict]:
-    """REFERENCE.md's targets; `passed` is None where a target does not apply (smoke, other GPU)."""
+    """The targets of benchmarks/README.md; `passed` is None where a target does not apply (smoke, other GPU)."""
     out = []
     sampler = report.get("sampler")
     if sampler:

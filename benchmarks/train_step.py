@@ -6,7 +6,7 @@ default: the net's hand-derived tangent pass, `Precond.forward(..., v_hat=)`, on
 du/dt), "forward" (plain forward for u plus a graph-free `torch.func.jvp` tangent) and
 "forward-fused" (one `torch.func.jvp` with autograd recording both the primal and the tangent
 computation). `--compile` adds each non-reference mode once more, run through
-`remeanflow.accel.meanflow_loss_fn` compiled as one graph (torch.compile; AOTAutograd compiles
+`remeanflow.train_loss.meanflow_loss_fn` compiled as one graph (torch.compile; AOTAutograd compiles
 the backward), reported as "<mode>+compile"; the reference always runs eagerly, because
 torch.compile cannot capture the double-backward trick. The first step (compilation included)
 is reported separately and excluded from the timings.
@@ -125,7 +125,7 @@ def setup(args: argparse.Namespace, mode: str, compiled: bool = False):
     """The step function of one mode and what describes it; every mode gets the same net and batch."""
     import torch
 
-    from remeanflow import accel, networks
+    from remeanflow import networks, train_loss
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
@@ -134,7 +134,7 @@ def setup(args: argparse.Namespace, mode: str, compiled: bool = False):
     opt = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.99))
     inputs, guidance = make_batch(net, args.batch, int(args.stage), args.seed + 1, args.w_max, device)
     compiled = compiled and mode != "autograd"
-    loss_fn = accel.meanflow_loss_fn(net, jvp=mode, precision=args.precision,
+    loss_fn = train_loss.meanflow_loss_fn(net, jvp=mode, precision=args.precision,
                                      backend=args.compile_backend if compiled else None)
 
     def step() -> float:

@@ -1,7 +1,7 @@
 """Speed helpers for coupling generation, the MeanFlow training step and the GPU benchmark.
 
-Nothing here changes the mathematics: every helper wraps the plain paths of `networks`,
-`sampling` and `meanflow` (mixed precision, memory layout, attention kernel, graph compilation,
+Nothing here changes the mathematics: every helper wraps the plain paths of `networks` and
+`sampling` (mixed precision, memory layout, attention kernel, graph compilation,
 CUDA graph replay), and `benchmarks/gpu_bench.py` checks each fast path against the eager
 reference before it reports a speed (method: `docs/method.md`; modules: `docs/architecture.md`).
 
@@ -10,7 +10,7 @@ Who uses what:
 * the coupling job (`coupling_job.make_generate_fn`): `resolve_precision` + `autocast` always
   (config `couplings.precision`), and `FastDenoiser` + `fast_edm_heun` when
   `couplings.fast_path` is on (compiled on CUDA; eager, without CUDA graphs, on the CPU);
-* the training loop (`train.Trainer.loss_fn`): `meanflow_loss_fn` and `check_loss_settings`;
+* the training loss (`train_loss.meanflow_loss_fn`): `autocast`, `compile_fn`, channels-last;
 * `benchmarks/gpu_bench.py` / `benchmarks/train_step.py`: all of the above plus the rest
   (`CudaGraphCall`, `use_sdpa_attention`, channels-last, `compile_fn`, `forward_flops`,
   `relative_error`).
@@ -29,9 +29,6 @@ The helpers:
 * `CudaGraphCall`: capture a fixed-shape function once, replay it (no per-kernel launch cost).
 * `FastDenoiser` + `fast_edm_heun`: the autoguided EDM Heun sampler (`sampling.edm_heun`) with
   all of the above around one fused `D_guide + w (D_main - D_guide)` function.
-* `meanflow_loss_fn`: the MeanFlow loss (`meanflow.meanflow_loss_terms`) under autocast and
-  optionally compiled as one graph (u with its tangent; AOTAutograd compiles the backward too);
-  the training loop's loss (`train.Trainer.loss_fn`).
 * `forward_flops`: FLOPs of one denoiser forward from torch's FLOP counter (for MFU figures).
 """
 
@@ -47,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_map
 
-from . import meanflow, networks, sampling
+from . import networks, sampling
 
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -298,74 +295,6 @@ def fast_edm_heun(denoiser: FastDenoiser, noise: torch.Tensor, labels: torch.Ten
 
 # ----------------------------------------------------------------------------------------------
 # Training step.
-
-
-def check_loss_settings(jvp: str, backend: str | None) -> None:
-    """A clear error for a JVP mode / compile backend pair the loss cannot run: an unknown mode or
-    backend, or jvp="autograd" compiled (torch.compile does not capture
-    `torch.autograd.functional.jvp(create_graph=True)`)."""
-    if jvp not in meanflow.JVP_MODES:
-        raise ValueError(f"jvp must be one of {meanflow.JVP_MODES}, got {jvp!r}")
-    if backend is not None:
-        check_backend(backend)
-        if jvp == "autograd":
-            raise ValueError("jvp='autograd' (double backward) cannot be captured by torch.compile; run it eagerly "
-                             "(no compile backend) or use another jvp mode")
-
-
-def meanflow_loss_fn(
-    net: networks.Precond,
-    *,
-    jvp: str = "tangent",
-    precision: str = "fp32",
-    use_channels_last: bool = False,
-    backend: str | None = None,
-    mode: str | None = None,
-    model_fn: meanflow.ModelFn | None = None,
-    tangent_fn: meanflow.ModelFn | None = None,
-) -> Callable[..., meanflow.MeanFlowTerms]:
-    """`meanflow.meanflow_loss_terms` for `net` under autocast, optionally compiled as one graph.
-
-    Returns `loss_fn(x, noise, labels, t, r, *, w=1.0, w_pi=1.0, p=0.5, c=1e-2) -> MeanFlowTerms`
-    with the same arguments and results as the eager loss. Class indices are converted to
-    one-hot rows outside the graph. Under torch.compile the tangent (no grad) and the forward
-    with gradient become one graph and AOTAutograd compiles the backward.
-
-    Guidance scales other than w = w_pi = 1 enter the graph as 0-dim tensors (`meanflow.guided`):
-    stage 1 compiles one graph and stage 2 another, whatever w' each step draws.
-
-    jvp="autograd" (the official double-backward reference) cannot be compiled
-    (`check_loss_settings`).
-    """
-    check_loss_settings(jvp, backend)
-    device = next(net.parameters()).device
-    check_precision(precision)
-    if use_channels_last:
-        to_channels_last(net)
-    layout = channels_last if use_channels_last else (lambda x: x)
-
-    def terms(x, noise, labels, t, r, w, w_pi, p, c):
-        with autocast(device, precision):
-            out = meanflow.meanflow_loss_terms(
-                net, layout(x), layout(noise), labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp,
-                model_fn=model_fn, tangent_fn=tangent_fn,
-            )
-        return out.loss, out.e, out.mse  # plain tuple: what a compiled graph returns best
-
-    compiled = compile_fn(terms, backend, mode=mode)
-
-    def loss_fn(x, noise, labels, t, r, *, w: float = 1.0, w_pi: float = 1.0, p: float = 0.5,
-                c: float = 1e-2) -> meanflow.MeanFlowTerms:
-        if labels is not None and not labels.dtype.is_floating_point:
-            labels = networks.one_hot(labels, net.label_dim)
-        if meanflow.guided(w, w_pi):  # graph inputs, not constants: no recompilation per w'
-            w, w_pi = (torch.as_tensor(s, dtype=torch.float64, device=x.device) for s in (w, w_pi))
-        else:
-            w, w_pi = 1.0, 1.0
-        loss, e, mse = compiled(x, noise, labels, t, r, w, w_pi, float(p), float(c))
-        return meanflow.MeanFlowTerms(loss=loss, e=e, mse=mse)
-
-    return loss_fn
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Rectified couplings (standard-normal noise n, teacher endpoint x, label) in sharded Zarr v3 stores.
+"""Coupling shard stores: rectified couplings (standard-normal noise n, teacher endpoint x, label)
+in sharded Zarr v3 stores -- creation, resumable generation, verification.
 
-Layout (DESIGN.md section 5). A *shard* covers a contiguous slice ``[start, stop)`` of the reflow
-index; its boundaries are multiples of the generation batch (``chunk``), so the generation batches
--- and therefore the couplings, even for a batch-dependent sampler -- are the same whatever the
-number of shards. Each shard is its own Zarr v3 group::
+Layout (`docs/architecture.md`, data and artifact layout). A *shard* covers a contiguous slice
+``[start, stop)`` of the reflow index; its boundaries are multiples of the generation batch
+(``chunk``), so the generation batches -- and therefore the couplings, even for a batch-dependent
+sampler -- are the same whatever the number of shards. Each shard is its own Zarr v3 group::
 
     noise     [N, *shape]  float16|float32   standard normal n (the sampler starts from n * sigma_max)
     endpoint  [N, *shape]  float16|float32   teacher ODE endpoint x
@@ -13,8 +14,8 @@ number of shards. Each shard is its own Zarr v3 group::
 
 ``noise``/``endpoint``/``label``/``sample_id`` use one Zarr chunk per generation batch along N and
 no sharding codec, so processes that write different batches never touch the same object
-(several writers in one Zarr chunk or shard silently lose data, REFERENCE.md). They are stored
-uncompressed: Gaussian noise does not compress and training reads them at full speed.
+(several writers in one Zarr chunk or shard silently lose data). They are stored uncompressed:
+Gaussian noise does not compress and training reads them at full speed.
 
 Why a bool array with chunk size 1 for the mask (rather than marker files): every mask entry is
 its own 1-byte object, written by Zarr's LocalStore through a temporary file and rename, so two
@@ -27,9 +28,9 @@ in a temporary directory and renamed into place), so they can never be torn; gen
 labels back from the store, so a stored label is by construction the one its endpoint was
 generated for.
 
-Merging verifies every shard, computes the global truncation threshold over all couplings
-(DESIGN.md section 3) and writes a JSON manifest with per-shard checksums and the fingerprint of
-the teacher/config that made them; ``open_couplings`` reads it for training.
+Merging the shards into one coupling set (manifest, truncation threshold) and reading it for
+training live in `coupling_set`. Keep `meanflow` out of this module's imports: this module is in
+the `couplings_shard` rule's import closure (its code version, `provenance.import_closure`).
 """
 
 from __future__ import annotations
@@ -40,27 +41,23 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
 from tqdm import tqdm
 
-from .fileio import atomic_path, json_sha256, tree_checksum
-from .meanflow import truncation_mask, truncation_threshold
-from .misc import diff_keys, require_int
+from .fileio import json_sha256, tree_checksum
+from .misc import require_int
 from .reflow_index import ReflowIndex, load_index
 from .sampling import per_sample_noise
 
 SHARD_FORMAT = "remeanflow.couplings.shard/1"
-MANIFEST_FORMAT = "remeanflow.couplings.manifest/1"
 DTYPES = ("float16", "float32")
-_DATA_ARRAYS = ("noise", "endpoint", "label", "sample_id")
-# Attributes that must agree between shards of one coupling set (besides the fingerprint).
-_GENERATION_KEYS = ("seed", "shape", "chunk", "noise_dtype", "endpoint_dtype", "num_shards", "num_classes")
+DATA_ARRAYS = ("noise", "endpoint", "label", "sample_id")
 # Zarr's LocalStore writes through "<name>.<uuid>.partial" temporaries; a killed writer can leave one.
 _PARTIAL_SUFFIX = ".partial"
 # Most ids / chunk numbers an error message lists before it abbreviates.
@@ -225,7 +222,7 @@ def _write_empty_shard(tmp: Path, attrs: dict[str, Any], labels: np.ndarray, sam
 
 def _check_existing(path: Path, attrs: dict[str, Any]) -> None:
     """Accept an existing store only if its attributes equal `attrs`; never overwrite it."""
-    existing = _read_shard_attrs(path)
+    existing = read_shard_attrs(path)
     if existing != attrs:
         keys = sorted(k for k in attrs.keys() | existing.keys() if existing.get(k) != attrs.get(k))
         raise FingerprintMismatchError(
@@ -234,7 +231,7 @@ def _check_existing(path: Path, attrs: dict[str, Any]) -> None:
         )
 
 
-def _read_shard_attrs(path: Path) -> dict[str, Any]:
+def read_shard_attrs(path: Path) -> dict[str, Any]:
     """Attributes of a shard store, or CouplingStoreError if `path` is not one."""
     try:
         attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
@@ -245,15 +242,15 @@ def _read_shard_attrs(path: Path) -> dict[str, Any]:
     return attrs
 
 
-def _open_shard(path, mode: str = "r") -> tuple[zarr.Group, dict[str, Any]]:
+def open_shard(path, mode: str = "r") -> tuple[zarr.Group, dict[str, Any]]:
     """Open a shard store and return (group, attrs)."""
-    attrs = _read_shard_attrs(Path(path))
+    attrs = read_shard_attrs(Path(path))
     return zarr.open_group(str(path), mode=mode, zarr_format=3), attrs
 
 
 def completion_mask(path) -> np.ndarray:
     """Bool vector: which chunks of the shard at `path` are marked complete."""
-    group, _ = _open_shard(path)
+    group, _ = open_shard(path)
     return group["done"][...]
 
 
@@ -286,8 +283,8 @@ def generate_shard(
     """
     require_int("world_size", world_size, 1)
     require_int("rank", rank, 0, world_size)
-    group, attrs = _open_shard(path, mode="r+")
-    arrays = {name: group[name] for name in (*_DATA_ARRAYS, "done")}
+    group, attrs = open_shard(path, mode="r+")
+    arrays = {name: group[name] for name in (*DATA_ARRAYS, "done")}
     done = arrays["done"][...]
     mine = [i for i in range(attrs["num_chunks"]) if i % world_size == rank and not done[i]]
     samples = sum(hi - lo for lo, hi in (_chunk_bounds(attrs, i) for i in mine))
@@ -360,15 +357,15 @@ def verify_shard(path, *, index_store=None, check_noise: bool = False, progress:
     and compares it bit for bit (costly for big stores).
     """
     index = load_index(index_store) if index_store is not None else None
-    report, _ = _scan_shard(path, index=index, check_noise=check_noise, progress=progress)
+    report, _ = scan_shard(path, index=index, check_noise=check_noise, progress=progress)
     return report
 
 
-def _scan_shard(
+def scan_shard(
     path, *, index: ReflowIndex | None, check_noise: bool = False, progress: bool = False
 ) -> tuple[dict[str, Any], np.ndarray]:
     """One pass over a shard: all verify_shard checks plus the per-sample distances."""
-    group, attrs = _open_shard(path)
+    group, attrs = open_shard(path)
     missing = np.flatnonzero(~group["done"][...])
     if missing.size:
         raise IncompleteShardError(path, missing.tolist())
@@ -378,7 +375,7 @@ def _scan_shard(
     bad_chunks: list[int] = []
     for i in tqdm(range(attrs["num_chunks"]), desc=f"verify {Path(path).name}", disable=not progress):
         lo, hi = _chunk_bounds(attrs, i)
-        noise, endpoint = _read_array(path, noise_arr, lo, hi), _read_array(path, endpoint_arr, lo, hi)
+        noise, endpoint = read_array(path, noise_arr, lo, hi), read_array(path, endpoint_arr, lo, hi)
         if not (np.isfinite(noise).all() and np.isfinite(endpoint).all()):
             bad_chunks.append(i)
             continue
@@ -397,7 +394,7 @@ def _scan_shard(
     return report, distances
 
 
-def _read_array(path, array: zarr.Array, lo: int, hi: int) -> np.ndarray:
+def read_array(path, array: zarr.Array, lo: int, hi: int) -> np.ndarray:
     """Whole-chunk read that names the store, array and range if the chunk cannot be decoded."""
     try:
         return array[lo:hi]
@@ -436,209 +433,3 @@ def store_checksum(path) -> str:
     if not root.is_dir():
         raise CouplingStoreError(f"{root}: not a directory store")
     return tree_checksum(root)
-
-
-def merge_shards(
-    shard_paths: Iterable,
-    manifest_path,
-    *,
-    index_store,
-    quantile: float | None = 0.9,
-    fixed_threshold: float | None = None,
-    histogram_bins: int = 100,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Verify the shards together, compute the truncation threshold, write the manifest atomically.
-
-    Truncation keeps couplings with distance <= threshold. The threshold is `fixed_threshold` if
-    given (the official code's 0.87; `quantile` is then ignored), else the `quantile` of all
-    distances (0.9 drops the top 10%), else (quantile=None) there is no truncation.
-    """
-    _check_truncation_args(quantile, fixed_threshold)
-    require_int("histogram_bins", histogram_bins, 1)
-    index = load_index(index_store)
-    shards = _order_and_check_shards(shard_paths, index)
-    distances, entries = [], []
-    manifest_dir = Path(manifest_path).resolve().parent
-    for path, attrs in shards:
-        _, d = _scan_shard(path, index=index, progress=progress)
-        distances.append(d)
-        entries.append({
-            "path": os.path.relpath(Path(path).resolve(), manifest_dir), "range": attrs["range"],
-            "count": attrs["count"], "num_chunks": attrs["num_chunks"], "checksum": store_checksum(path),
-        })
-    d = np.concatenate(distances)
-    first = shards[0][1]
-    manifest = {
-        "format": MANIFEST_FORMAT, "shards": entries, "total": int(d.size),
-        **{k: first[k] for k in ("chunk", "shape", "noise_dtype", "endpoint_dtype", "seed", "num_classes")},
-        "fingerprint": first["fingerprint"], "fingerprint_hash": first["fingerprint_hash"],
-        "index_hash": index.index_hash,
-        "truncation": truncation(d, quantile=quantile, fixed_threshold=fixed_threshold),
-        "distance_stats": distance_stats(d, histogram_bins),
-    }
-    with atomic_path(manifest_path) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=1, allow_nan=False))
-    return manifest
-
-
-def _order_and_check_shards(shard_paths: Iterable, index: ReflowIndex) -> list[tuple[Path, dict[str, Any]]]:
-    """Shards sorted by start, after the cheap attribute checks (before any data is read)."""
-    shards = [(Path(p), _read_shard_attrs(Path(p))) for p in shard_paths]
-    if not shards:
-        raise CouplingStoreError("merge_shards: no shard paths given")
-    ref_path, ref = shards[0]
-    for path, attrs in shards:
-        if attrs["fingerprint_hash"] != ref["fingerprint_hash"]:
-            raise FingerprintMismatchError(
-                f"{path}: fingerprint {attrs['fingerprint_hash'][:12]}... differs from {ref_path} "
-                f"({ref['fingerprint_hash'][:12]}...; keys {diff_keys(attrs['fingerprint'], ref['fingerprint'])})"
-            )
-        if attrs["index_hash"] != index.index_hash:
-            raise FingerprintMismatchError(
-                f"{path}: cut from index {attrs['index_hash'][:12]}..., not {index.path} ({index.index_hash[:12]}...)"
-            )
-        diff = [k for k in _GENERATION_KEYS if attrs[k] != ref[k]]
-        if diff:
-            raise FingerprintMismatchError(f"{path}: generation settings {diff} differ from {ref_path}")
-    shards.sort(key=lambda s: s[1]["range"][0])
-    _check_coverage(shards, len(index))
-    return shards
-
-
-def _check_coverage(shards: list[tuple[Path, dict[str, Any]]], total: int) -> None:
-    """Sorted shard ranges must tile [0, total) with no gap, overlap or duplicate."""
-    expected, prev = 0, None
-    for path, attrs in shards:
-        start, stop = attrs["range"]
-        if start < expected:
-            raise CouplingStoreError(f"{path}: range [{start}, {stop}) overlaps {prev} (which ends at {expected})")
-        if start > expected:
-            raise CouplingStoreError(f"{path}: gap before it: samples [{expected}, {start}) are in no shard")
-        expected, prev = stop, path
-    if expected != total:
-        raise CouplingStoreError(f"shards cover [0, {expected}) but the index has {total} samples (last: {prev})")
-
-
-def _check_truncation_args(quantile: float | None, fixed_threshold: float | None) -> None:
-    """Reject bad truncation settings before any data is read."""
-    if fixed_threshold is not None and not np.isfinite(fixed_threshold):
-        raise ValueError(f"fixed_threshold must be finite, got {fixed_threshold!r}")
-    if fixed_threshold is None and quantile is not None and not 0.0 < quantile <= 1.0:
-        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
-
-
-def truncation(d: np.ndarray, *, quantile: float | None, fixed_threshold: float | None) -> dict[str, Any]:
-    """Threshold and kept/dropped counts for per-sample distances `d` (keep d <= threshold)."""
-    _check_truncation_args(quantile, fixed_threshold)
-    if fixed_threshold is not None:
-        mode, quantile, threshold = "fixed", None, float(fixed_threshold)
-    elif quantile is not None:
-        mode, threshold = "quantile", truncation_threshold(d, quantile)
-    else:
-        mode, threshold = "none", None
-    kept = int(d.size if threshold is None else np.count_nonzero(truncation_mask(d, threshold)))
-    return {"mode": mode, "quantile": quantile, "threshold": threshold, "kept": kept,
-            "dropped": int(d.size) - kept, "rule": "keep distance <= threshold"}
-
-
-def distance_stats(d: np.ndarray, bins: int) -> dict[str, Any]:
-    """Summary of the per-sample distances for the manifest and the report."""
-    pct = (1, 5, 10, 25, 50, 75, 90, 95, 99)
-    counts, edges = np.histogram(d, bins=bins)
-    return {
-        "mean": float(d.mean()), "std": float(d.std()), "min": float(d.min()), "max": float(d.max()),
-        "percentiles": {str(p): float(v) for p, v in zip(pct, np.percentile(d, pct))},
-        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
-    }
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading for training
-
-
-@dataclass(frozen=True)
-class ChunkRef:
-    """One generation chunk of the merged set: its shard and its local/global sample ranges."""
-
-    shard: int
-    path: Path
-    chunk: int
-    lo: int  # local range inside the shard store
-    hi: int
-    start: int  # global range (= sample ids)
-    stop: int
-
-
-class CouplingReader:
-    """Whole-chunk access to a merged coupling set described by a manifest."""
-
-    def __init__(self, manifest_path):
-        self.manifest_path = Path(manifest_path)
-        try:
-            self.manifest = json.loads(self.manifest_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise CouplingStoreError(f"{manifest_path}: cannot read coupling manifest: {e}") from e
-        if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise CouplingStoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
-        base = self.manifest_path.parent
-        self.shard_paths = [base / s["path"] for s in self.manifest["shards"]]
-        groups = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
-        self._arrays = [{name: g[name] for name in _DATA_ARRAYS} for g in groups]
-        self.chunks = [ref for k in range(len(self.shard_paths)) for ref in self._shard_chunks(k)]
-        self.threshold: float | None = self.manifest["truncation"]["threshold"]
-
-    def _open_checked(self, path: Path, entry: dict[str, Any]) -> zarr.Group:
-        """Open a shard and check it is the one the manifest lists (cheap: attributes only)."""
-        group, attrs = _open_shard(path)
-        if attrs["fingerprint_hash"] != self.manifest["fingerprint_hash"] or attrs["index_hash"] != self.manifest["index_hash"]:
-            raise FingerprintMismatchError(f"{path}: fingerprint/index differ from manifest {self.manifest_path}")
-        if attrs["range"] != entry["range"]:
-            raise CouplingStoreError(f"{path}: range {attrs['range']} but manifest {self.manifest_path} says {entry['range']}")
-        return group
-
-    def _shard_chunks(self, k: int) -> list[ChunkRef]:
-        entry, chunk = self.manifest["shards"][k], self.manifest["chunk"]
-        start = entry["range"][0]
-        bounds = [(lo, min(lo + chunk, entry["count"])) for lo in range(0, entry["count"], chunk)]
-        return [ChunkRef(k, self.shard_paths[k], i, lo, hi, start + lo, start + hi) for i, (lo, hi) in enumerate(bounds)]
-
-    def __len__(self) -> int:
-        """Number of chunks."""
-        return len(self.chunks)
-
-    @property
-    def total(self) -> int:
-        return int(self.manifest["total"])
-
-    @property
-    def fingerprint(self) -> dict[str, Any]:
-        return self.manifest["fingerprint"]
-
-    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
-        """Chunk i as numpy: noise, endpoint, label, sample_id, plus distance and keep (truncation)."""
-        ref = self.chunks[i]
-        arrays = self._arrays[ref.shard]
-        out = {name: _read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in _DATA_ARRAYS}
-        out["distance"] = coupling_distance(out["noise"], out["endpoint"])
-        out["keep"] = np.ones(len(out["label"]), bool) if self.threshold is None else out["distance"] <= self.threshold
-        return out
-
-    def check_fingerprint(self, expected: dict[str, Any]) -> None:
-        """Raise FingerprintMismatchError unless `expected` equals the fingerprint the set was made with."""
-        if fingerprint_hash(expected) != self.manifest["fingerprint_hash"]:
-            raise FingerprintMismatchError(
-                f"{self.manifest_path}: couplings were made with a different fingerprint "
-                f"(keys differ: {diff_keys(json.loads(json.dumps(expected)), self.fingerprint)})"
-            )
-
-    def verify_checksums(self) -> None:
-        """Recompute every shard's store checksum (reads all data) and compare with the manifest."""
-        for path, entry in zip(self.shard_paths, self.manifest["shards"]):
-            if store_checksum(path) != entry["checksum"]:
-                raise CouplingStoreError(f"{path}: checksum differs from manifest {self.manifest_path}: store modified")
-
-
-def open_couplings(manifest_path) -> CouplingReader:
-    """Open a merged coupling set for reading (see CouplingReader)."""
-    return CouplingReader(manifest_path)

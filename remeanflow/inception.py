@@ -1,4 +1,4 @@
-"""InceptionV3 pool features for FID, compatible with pytorch-fid's weights (DESIGN.md §3 "Evaluation").
+"""InceptionV3 pool features for FID, compatible with pytorch-fid's weights (docs/method.md, "Evaluation").
 
 FID (Heusel et al. 2017) is defined on the 2048-d final average-pool activations of the
 TensorFlow InceptionV3 graph ``inception-2015-12-05``. pytorch-fid ported that graph to PyTorch as

@@ -4,7 +4,7 @@ Rules call the library function directly when one process suffices; otherwise th
 `launch_module("remeanflow.<module>", spec, processes)`, which writes the spec to a JSON file and
 runs `python -m remeanflow.<module> <spec.json>` in every rank. Explicit flags keep a user's
 accelerate `default_config.yaml` out of the picture; on CPU a real multi-process run needs
-`--multi_gpu` with ACCELERATE_USE_CPU=1 (`--cpu` alone starts one process, REFERENCE.md).
+`--multi_gpu` with ACCELERATE_USE_CPU=1 (`--cpu` alone starts one process: checked with accelerate 1.x).
 """
 
 from __future__ import annotations

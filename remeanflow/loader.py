@@ -46,7 +46,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .couplings import CouplingReader, FingerprintMismatchError, open_couplings
+from .coupling_set import CouplingReader, open_couplings
+from .couplings import FingerprintMismatchError
 from .misc import require_int
 
 log = logging.getLogger(__name__)

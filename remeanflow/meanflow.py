@@ -67,15 +67,15 @@ def sample_t_r(
     ratio_r_neq_t: float = 0.25,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw (t, r) per sample following Re-MeanFlow section 4 (DESIGN §3 steps 2-4).
+    """Draw (t, r) per sample following Re-MeanFlow section 4 (docs/method.md, MeanFlow loss steps 2-4).
 
     1. t ~ U-shaped density (`u_shaped_icdf`), scaled into [t_eps, 1 - t_eps] and clamped to
        <= t_max (80/81 is sigma = 80, the EDM2 teacher's largest noise level).
     2. r = clamp(t - sigmoid(N(p_mean, p_std)), 0, 1 - 1e-5): a logit-normal interval length.
     3. Where t > high_t and r < high_r, r = 0: near-pure-noise inputs with long but incomplete
        intervals are the high-variance cases; snapping them to the one-step interval [0, t]
-       trains the configuration used at sampling time instead. The paper says high_r = 0.4,
-       the official code uses 0.8.
+       trains the configuration used at sampling time instead. Paper: t > 0.95, r < 0.4; the
+       official code: t > 0.8 (so its 0.8 is high_t), r < 0.4.
     4. With probability 1 - ratio_r_neq_t, r = t (plain flow matching for those rows).
 
     Random draws are taken from `generator` (on its own device) in a fixed order and then moved

@@ -1,4 +1,4 @@
-"""Run report: figures and one self-contained HTML page (DESIGN.md §2 "report").
+"""Run report: figures and one self-contained HTML page (docs/architecture.md).
 
 What a run produced, on one page that can be mailed or archived without the results tree:
 
@@ -7,7 +7,7 @@ What a run produced, on one page that can be mailed or archived without the resu
   step and multi-step endpoints) and the training curves of its ``train/<stage>/metrics.csv``;
 * the teacher's training loss (``teacher/metrics.csv``);
 * the distribution of the coupling distances mean((n - x)^2) with the truncation threshold
-  (``reflow/manifest.json``, DESIGN.md §3 "MeanFlow loss" step 1);
+  (``reflow/manifest.json``, docs/method.md, "MeanFlow loss" step 1);
 * a provenance table of every artifact in the lineage of those files (`provenance.lineage`).
 
 The page is self-contained: images are inlined as base64 ``data:`` URIs and the style sheet is
@@ -133,7 +133,7 @@ def read_eval_metrics(path) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class CouplingDistances:
-    """The manifest's distance histogram and truncation (`couplings.distance_stats`, `truncation`)."""
+    """The manifest's distance histogram and truncation (`coupling_set.distance_stats`, `truncation`)."""
 
     counts: np.ndarray  # [B]
     edges: np.ndarray  # [B + 1]
@@ -222,7 +222,7 @@ def plot_training_curves(
 ) -> list[str]:
     """Training curves of one stage (`TRAIN_COLUMNS`) -> PNG; returns notes on non-finite values.
 
-    Panels: MeanFlow loss (adaptive-weighted, DESIGN.md §3 step 8), the unweighted MSE of u
+    Panels: MeanFlow loss (adaptive-weighted, docs/method.md, MeanFlow loss step 8), the unweighted MSE of u
     against its target, the gradient norm before clipping (with the clip level), the per-batch
     fraction of couplings kept by the truncation (with the manifest's global fraction), and w' of
     the CFG target (step 6) when it is not 1 throughout, i.e. in a CFG stage.
@@ -529,7 +529,7 @@ def _couplings_section(distances: CouplingDistances, couplings_png) -> str:
         ["min / max", f"{_fmt(st.get('min'))} / {_fmt(st.get('max'))}"],
     ]
     caption = ("Per-coupling distance mean((n - x)²) over the whole set; training drops couplings above the "
-               "threshold (DESIGN.md §3, MeanFlow loss step 1).")
+               "threshold (MeanFlow loss step 1).")
     return _figure(couplings_png, "coupling distance histogram", caption) + _table(["truncation", ""], summary)
 
 

@@ -6,7 +6,7 @@
 * `one_step` / `meanflow_sample`: sampling with a MeanFlow average-velocity net u(x_t, t, r | c)
   (Re-MeanFlow, arXiv 2511.23342); flow convention x_t = (1-t) x + t n, data at t=0, noise at t=1.
 * `per_sample_noise` / `per_sample_labels`: randomness keyed by (seed, sample id) so that a
-  coupling store is identical whatever the number of shards, GPUs or restarts (DESIGN.md §5).
+  coupling store is identical whatever the number of shards, GPUs or restarts (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -166,12 +166,12 @@ def meanflow_sample(
 
 
 def one_step(net, noise: torch.Tensor, labels: torch.Tensor | None, t_max: float = T_MAX) -> torch.Tensor:
-    """Re-MeanFlow one-step sample x = n - u(n, t_max, 0 | c) (DESIGN.md §3)."""
+    """Re-MeanFlow one-step sample x = n - u(n, t_max, 0 | c) (docs/method.md)."""
     return meanflow_sample(net, noise, labels, num_steps=1, t_max=t_max)
 
 
 # ----------------------------------------------------------------------------------------------
-# Per-sample deterministic randomness (part of the coupling-store contract, DESIGN.md §5).
+# Per-sample deterministic randomness (part of the coupling-store contract, docs/architecture.md).
 #
 # Sample id i under seed s gets its own counter-based generator
 #     numpy.random.Generator(numpy.random.Philox(key=[i, s], counter=[0, 0, 0, stream]))

@@ -1,7 +1,7 @@
 """Toy EDM2 teacher for the embedded default: EDM2 training plus an autoguidance guide.
 
 The real pipeline fetches published EDM2 checkpoints; the embedded default trains a small
-EDM2-architecture net on the toy image set instead (DESIGN.md section 2, "teacher"). The recipe is
+EDM2-architecture net on the toy image set instead (docs/architecture.md, "teacher"). The recipe is
 EDM2's (Karras et al., "Analyzing and Improving the Training Dynamics of Diffusion Models",
 arXiv 2312.02696):
 

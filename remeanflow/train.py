@@ -57,8 +57,8 @@ import torch
 import tqdm
 from accelerate import Accelerator
 
-from . import accel, networks, train_state
-from .couplings import open_couplings
+from . import networks, train_loss, train_state
+from .coupling_set import open_couplings
 from .fileio import sha256_file
 from .loader import check_fingerprint_subset, keyed_seed, open_stream
 from .meanflow import cfg_weights, drop_labels, sample_t_r
@@ -186,7 +186,7 @@ def hyperparameters(settings: TrainSettings, stage: int, seed: int) -> dict[str,
     `draw_step` and `train_step` read, and what a checkpoint's configuration hash covers. The
     settings' own bounds were checked when they were built; the jvp/compile pairing here."""
     own = settings.stage(stage)
-    accel.check_loss_settings(settings.jvp, settings.compile)
+    train_loss.check_loss_settings(settings.jvp, settings.compile)
     return dict(
         stage=stage, batch_size=settings.batch_size, lr=settings.lr, betas=list(settings.betas), eps=settings.eps,
         weight_decay=settings.weight_decay, ema_decay=settings.ema_decay, grad_clip=own.grad_clip,
@@ -223,11 +223,11 @@ class Trainer:
 
     @functools.cached_property
     def loss_fn(self):
-        """The MeanFlow loss of this trainer (`accel.meanflow_loss_fn`): u through `model` (DDP
+        """The MeanFlow loss of this trainer (`train_loss.meanflow_loss_fn`): u through `model` (DDP
         all-reduces its gradient), the torch.func.jvp tangent of jvp="forward" through the
         unwrapped `net`, compiled with the `compile` backend (None: eager). Built on first use,
         from this trainer's own fields (a `dataclasses.replace` copy builds its own)."""
-        return accel.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config["compile"],
+        return train_loss.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config["compile"],
                                       model_fn=self.model, tangent_fn=self.net)
 
 
@@ -295,7 +295,7 @@ def train_meanflow(
     settings: TrainSettings,  # the `train` config section: both stages' settings
     *,
     stage: int,  # 1 (plain target) or 2 (CFG target); its own settings are settings.stage(stage)
-    manifest,  # coupling manifest (`couplings.merge_shards`)
+    manifest,  # coupling manifest (`coupling_set.merge_shards`)
     init,  # stage 1: a `checkpoints.save_net` file; stage 2: stage 1's out_dir/train_state.pt
     out_dir,  # where the outputs go, written only after the last step
     work_dir,  # checkpoints, snapshots and the live metrics.csv; resumed from

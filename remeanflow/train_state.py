@@ -39,7 +39,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object
 
 from . import checkpoints, networks
-from .couplings import CouplingReader
+from .coupling_set import CouplingReader
 from .fileio import atomic_path, json_sha256
 from .loader import CouplingStream
 from .misc import diff_keys

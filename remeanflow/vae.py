@@ -1,4 +1,4 @@
-"""From a net's output space to uint8 RGB pixels: EDM2's encoders' ``decode`` (DESIGN.md §3 "Evaluation").
+"""From a net's output space to uint8 RGB pixels: EDM2's encoders' ``decode`` (docs/method.md, "Evaluation").
 
 EDM2 nets work either on pixels (StandardRGBEncoder: pixels / 127.5 - 1) or on Stable Diffusion
 VAE latents (StabilityVAEEncoder). For the latter EDM2 whitens the raw latents per channel,

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from remeanflow.couplings import open_couplings
+from remeanflow.coupling_set import open_couplings
 
 # Small tensors on 2 shared cores: OpenMP spinning with 2 threads made some ops ~100x slower
 # when another process was busy. Subprocesses (Snakemake jobs) choose their own thread counts.
@@ -76,6 +76,16 @@ def run_snakemake(workdir: Path, configfile: Path | None, *args: str, check: boo
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
+
+
+def copy_checkout(dst: Path) -> Path:
+    """The parts of the checkout that run the workflow, copied to `dst` (mtimes kept)."""
+    dst.mkdir(parents=True)
+    for part in ("Snakefile", "config.yaml", "pyproject.toml"):
+        shutil.copy2(REPO / part, dst / part)
+    for part in ("rules", "workflow_scripts", "remeanflow", "schemas", "envs", "report"):
+        shutil.copytree(REPO / part, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    return dst
 
 
 def couplings_by_id(manifest: Path) -> dict[str, np.ndarray]:

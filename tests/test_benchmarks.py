@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import REPO
 
-from remeanflow import accel, meanflow, misc, networks, sampling
+from remeanflow import accel, meanflow, misc, networks, sampling, train_loss
 
 BENCH = REPO / "benchmarks"
 
@@ -108,7 +108,7 @@ def test_loss_fn_is_the_eager_loss(train_step, jvp, stage):
     net = _net(train_step, "tiny", 0).train()
     inputs, guidance = train_step.make_batch(net, 4, stage, seed=3, w_max=2.5, device="cpu")
     ref = meanflow.meanflow_loss_terms(net, **inputs, **guidance, jvp=jvp)
-    out = accel.meanflow_loss_fn(net, jvp=jvp)(**inputs, **guidance)
+    out = train_loss.meanflow_loss_fn(net, jvp=jvp)(**inputs, **guidance)
     assert torch.equal(out.loss, ref.loss) and torch.equal(out.e, ref.e)
     assert out.loss.requires_grad
 
@@ -116,7 +116,7 @@ def test_loss_fn_is_the_eager_loss(train_step, jvp, stage):
 def test_compiled_stage2_loss_takes_the_guidance_scale_as_an_input(train_step):
     # Stage 2 draws w' every step: a graph specialised on its value would recompile every step.
     net = _net(train_step, "tiny", 0).train()
-    loss_fn = accel.meanflow_loss_fn(net, backend="eager")
+    loss_fn = train_loss.meanflow_loss_fn(net, backend="eager")
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     for seed, w_max in [(3, 2.5), (4, 3.0), (5, 4.0)]:
@@ -133,9 +133,9 @@ def test_compiled_stage2_loss_takes_the_guidance_scale_as_an_input(train_step):
 def test_loss_fn_rejects_what_cannot_work(train_step):
     net = _net(train_step, "tiny", 0)
     with pytest.raises(ValueError, match="cannot be captured"):
-        accel.meanflow_loss_fn(net, jvp="autograd", backend="inductor")
+        train_loss.meanflow_loss_fn(net, jvp="autograd", backend="inductor")
     with pytest.raises(ValueError, match="precision"):
-        accel.meanflow_loss_fn(net, precision="fp8")
+        train_loss.meanflow_loss_fn(net, precision="fp8")
     with pytest.raises(ValueError, match="backend"):
         accel.compile_fn(lambda x: x, backend="no-such-backend")
     with pytest.raises(ValueError, match="CUDA"):
@@ -143,7 +143,7 @@ def test_loss_fn_rejects_what_cannot_work(train_step):
 
 
 def test_forward_flops_match_the_measured_edm2_figures():
-    """REFERENCE.md (torch FLOP counter on the paper's nets, 64x64, batch 1): S 201.6, XS 89.9 GFLOP,
+    """benchmarks/README.md (torch FLOP counter on the paper's nets, 64x64, batch 1): S 201.6, XS 89.9 GFLOP,
     18.4 TFLOP per coupling with 32 Heun steps. Counted here on the meta device (no compute)."""
     with torch.device("meta"):
         s, xs = networks.build("edm2-img512-s"), networks.build("edm2-img512-xs")

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from remeanflow import checkpoints, launch, train, train_state
-from remeanflow.couplings import open_couplings
+from remeanflow.coupling_set import open_couplings
 from remeanflow.loader import CouplingStream
 
 sys.path.insert(0, str(Path(__file__).parent))

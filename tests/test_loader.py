@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from remeanflow import coupling_set as CS
 from remeanflow import couplings as C
 from remeanflow.loader import CouplingStream, first_unstarted_epoch, keyed_seed, open_stream
 
@@ -31,7 +32,7 @@ def sets(tmp_path_factory):
 
 
 def kept_ids(manifest) -> np.ndarray:
-    reader = C.open_couplings(manifest)
+    reader = CS.open_couplings(manifest)
     parts = [reader.read_chunk(i) for i in range(len(reader))]
     return np.concatenate([p["sample_id"][p["keep"]] for p in parts])
 
@@ -49,7 +50,7 @@ class CountingReader:
     """Wraps a CouplingReader's read_chunk to count calls and record which chunks were read."""
 
     def __init__(self, manifest):
-        self.reader = C.open_couplings(manifest)
+        self.reader = CS.open_couplings(manifest)
         self.calls: list[int] = []
         inner = self.reader.read_chunk
 
@@ -77,7 +78,7 @@ def test_batches_always_exactly_batch_size(sets, which, batch):
 
 def test_batch_content_matches_store(sets):
     """x/noise/label of a batch are the stored endpoint/noise/label of its sample ids."""
-    reader = C.open_couplings(sets["normal"])
+    reader = CS.open_couplings(sets["normal"])
     parts = [reader.read_chunk(i) for i in range(len(reader))]
     by_id = {name: np.concatenate([p[name] for p in parts]) for name in ("endpoint", "noise", "label", "sample_id")}
     assert np.array_equal(by_id["sample_id"], np.arange(N))
@@ -138,7 +139,7 @@ def test_truncate_false_uses_every_coupling(sets):
 
 
 def test_kept_fraction_is_that_of_the_windows_read(sets):
-    reader = C.open_couplings(sets["heavy"])
+    reader = CS.open_couplings(sets["heavy"])
     stream = CouplingStream(reader, batch_size=1, seed=0, window_chunks=2)
     b = next(stream)
     first = [reader.read_chunk(int(i))["keep"] for i in stream.epoch_chunks(0)[:2]]
@@ -206,7 +207,7 @@ def test_open_stream_fresh_resumed_and_relaid_out(sets, caplog):
     """A training process's stream: the global batch split over `world`; the saved position of its
     rank under the same layout; under another layout the first unstarted epoch, with a warning
     from rank 0 only."""
-    reader = C.open_couplings(sets["normal"])
+    reader = CS.open_couplings(sets["normal"])
     kw = dict(batch_size=6, seed=8, window_chunks=2)
     old = [open_stream(reader, rank=r, world=2, **kw) for r in range(2)]
     assert [(s.batch_size, s.rank, s.world_size) for s in old] == [(3, 0, 2), (3, 1, 2)]
@@ -285,7 +286,7 @@ def test_bad_arguments(sets):
 def test_rank_with_only_dropped_chunks_is_an_error(tmp_path):
     """A fixed threshold below every distance but one: some rank's epoch is entirely dropped."""
     reader_set = make_couplings(tmp_path / "c", num_samples=32, chunk=8, num_shards=1, quantile=None)
-    d = np.concatenate([C.open_couplings(reader_set).read_chunk(i)["distance"] for i in range(4)])
+    d = np.concatenate([CS.open_couplings(reader_set).read_chunk(i)["distance"] for i in range(4)])
     manifest = make_couplings(tmp_path / "fixed", num_samples=32, chunk=8, num_shards=1, quantile=None,
                               fixed_threshold=float(d.min()))
     errors = 0

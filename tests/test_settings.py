@@ -6,15 +6,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, deep_update
+from conftest import REPO, copy_checkout, deep_update
 
 from remeanflow import config as rmf_config
 from remeanflow import provenance, settings
@@ -201,19 +199,10 @@ def test_import_closure_follows_the_scripts_imports():
 # -- a throw-away setting ----------------------------------------------------------------------
 
 
-def _copy_checkout(dst: Path) -> Path:
-    dst.mkdir(parents=True)
-    for part in ("Snakefile", "config.yaml", "pyproject.toml"):
-        shutil.copy2(REPO / part, dst / part)
-    for part in ("rules", "workflow_scripts", "remeanflow", "schemas", "envs", "report"):
-        shutil.copytree(REPO / part, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    return dst
-
-
 @pytest.mark.slow
 def test_a_throwaway_setting_is_validated_hashed_and_reaches_the_library(tmp_path):
     """One line added to TrainSettings in a copy of the checkout, nothing else edited."""
-    repo = _copy_checkout(tmp_path / "repo")
+    repo = copy_checkout(tmp_path / "repo")
     path = repo / "remeanflow" / "settings.py"
     anchor = '    window_chunks: int = setting(16, "shuffle buffer, in coupling chunks", ge=1)\n'
     text = path.read_text()

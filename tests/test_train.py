@@ -56,7 +56,7 @@ def run_kw(data, root: Path, **overrides) -> dict:
 
 def eval_loss(net: networks.Precond, manifest) -> float:
     """MeanFlow loss of a fixed batch of 32 couplings at fixed (t, r): a noise-free learning signal."""
-    from remeanflow.couplings import open_couplings
+    from remeanflow.coupling_set import open_couplings
 
     reader = open_couplings(manifest)
     parts = [reader.read_chunk(i) for i in range(4)]

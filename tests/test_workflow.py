@@ -80,8 +80,17 @@ def test_tiny_pipeline_outputs_and_provenance(tiny_run):
     assert {n["rule"] for n in flat} >= {"evaluate_merge", "train_stage2", "train_stage1", "init_time_embedding",
                                           "couplings_merge", "couplings_shard", "train_teacher", "download_dataset"}
     side = provenance.read(run / "reflow" / "manifest.json")
-    assert side["rule"] == "couplings_merge" and side["config"]["truncation_quantile"] == 0.9
+    assert side["rule"] == "couplings_merge" and side["config"]["couplings"]["truncation_quantile"] == 0.9
     assert side["code"]["package_hash"] and "torch" in side["packages"]
+    # every sidecar of the run names the code version of its rule: the import closure of its script
+    sidecars = sorted(run.rglob("*" + provenance.SUFFIX))
+    assert len(sidecars) >= 30
+    for path in sidecars:
+        record = json.loads(path.read_text())
+        script = {"train_stage1": "train_stage", "train_stage2": "train_stage", "report_stage": "report"}.get(
+            record["rule"], record["rule"])
+        assert record["code"]["rule_code_hash"] == provenance.script_code_hash(
+            REPO / "workflow_scripts" / f"{script}.py"), path
 
 
 def test_provenance_cli_and_verify(tiny_run, tmp_path):

@@ -69,6 +69,7 @@ def hyperparameters(stage: int, seed: int, **flat) -> dict:
 def make_couplings(root: Path, *, num_samples: int = 96, chunk: int = 8, num_shards: int = 2,
                    quantile: float | None = 0.9, fixed_threshold: float | None = None) -> Path:
     """A merged coupling set of `num_samples` couplings in chunks of `chunk`; returns the manifest."""
+    from remeanflow import coupling_set as CS
     from remeanflow import couplings as C
     from remeanflow import reflow_index as R
 
@@ -81,8 +82,8 @@ def make_couplings(root: Path, *, num_samples: int = 96, chunk: int = 8, num_sha
                              noise_dtype="float16", endpoint_dtype="float32", seed=5, fingerprint=FINGERPRINT)
         C.generate_shard(path, toy_generate, progress=False)
     manifest = root / "manifest.json"
-    C.merge_shards(paths, manifest, index_store=index, quantile=quantile, fixed_threshold=fixed_threshold,
-                   progress=False)
+    CS.merge_shards(paths, manifest, index_store=index, quantile=quantile, fixed_threshold=fixed_threshold,
+                    progress=False)
     return manifest
 
 

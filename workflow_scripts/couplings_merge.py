@@ -1,6 +1,6 @@
 """Rule couplings_merge: verify all shards together, write the manifest and truncation threshold."""
 
-from remeanflow.couplings import merge_shards
+from remeanflow.coupling_set import merge_shards
 from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821

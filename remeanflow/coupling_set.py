@@ -1,0 +1,264 @@
+"""The merged coupling set: the manifest that ties the shard stores together, the global
+truncation threshold, and reading the set for training.
+
+Manifest (``reflow/manifest.json``, format ``MANIFEST_FORMAT``; `docs/architecture.md`): per shard
+its path (relative to the manifest), range, count, chunk count and store checksum
+(`couplings.store_checksum`); the shape, dtypes, seed, chunk and class count shared by all shards;
+the fingerprint of the teacher/config that made them and its hash; the index hash; the truncation;
+distance statistics with a histogram. `merge_shards` writes it atomically, after verifying every
+shard (`couplings.scan_shard`) and checking that the shards agree and tile the index exactly.
+
+Truncation (`docs/method.md`, distance truncation): the threshold is computed once, at merge, over
+the distances `couplings.coupling_distance` of all couplings (a quantile, or a fixed value), and
+training keeps the couplings with distance <= threshold.
+
+Reading for training: `open_couplings` returns a `CouplingReader`, which checks each shard against
+the manifest (attributes only) and reads whole generation chunks (`ChunkRef`), adding each
+sample's distance and keep flag.
+
+The truncation threshold comes from `meanflow`; the shard store layer (`couplings`) does not
+import this module, so the shard job's code version does not depend on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from .couplings import (
+    DATA_ARRAYS,
+    CouplingStoreError,
+    FingerprintMismatchError,
+    coupling_distance,
+    fingerprint_hash,
+    open_shard,
+    read_array,
+    read_shard_attrs,
+    scan_shard,
+    store_checksum,
+)
+from .fileio import atomic_path
+from .meanflow import truncation_mask, truncation_threshold
+from .misc import diff_keys, require_int
+from .reflow_index import ReflowIndex, load_index
+
+MANIFEST_FORMAT = "remeanflow.couplings.manifest/1"
+# Attributes that must agree between shards of one coupling set (besides the fingerprint).
+_GENERATION_KEYS = ("seed", "shape", "chunk", "noise_dtype", "endpoint_dtype", "num_shards", "num_classes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Merging the shards
+
+
+def merge_shards(
+    shard_paths: Iterable,
+    manifest_path,
+    *,
+    index_store,
+    quantile: float | None = 0.9,
+    fixed_threshold: float | None = None,
+    histogram_bins: int = 100,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Verify the shards together, compute the truncation threshold, write the manifest atomically.
+
+    Truncation keeps couplings with distance <= threshold. The threshold is `fixed_threshold` if
+    given (the official code's 0.87; `quantile` is then ignored), else the `quantile` of all
+    distances (0.9 drops the top 10%), else (quantile=None) there is no truncation.
+    """
+    _check_truncation_args(quantile, fixed_threshold)
+    require_int("histogram_bins", histogram_bins, 1)
+    index = load_index(index_store)
+    shards = _order_and_check_shards(shard_paths, index)
+    distances, entries = [], []
+    manifest_dir = Path(manifest_path).resolve().parent
+    for path, attrs in shards:
+        _, d = scan_shard(path, index=index, progress=progress)
+        distances.append(d)
+        entries.append({
+            "path": os.path.relpath(Path(path).resolve(), manifest_dir), "range": attrs["range"],
+            "count": attrs["count"], "num_chunks": attrs["num_chunks"], "checksum": store_checksum(path),
+        })
+    d = np.concatenate(distances)
+    first = shards[0][1]
+    manifest = {
+        "format": MANIFEST_FORMAT, "shards": entries, "total": int(d.size),
+        **{k: first[k] for k in ("chunk", "shape", "noise_dtype", "endpoint_dtype", "seed", "num_classes")},
+        "fingerprint": first["fingerprint"], "fingerprint_hash": first["fingerprint_hash"],
+        "index_hash": index.index_hash,
+        "truncation": truncation(d, quantile=quantile, fixed_threshold=fixed_threshold),
+        "distance_stats": distance_stats(d, histogram_bins),
+    }
+    with atomic_path(manifest_path) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1, allow_nan=False))
+    return manifest
+
+
+def _order_and_check_shards(shard_paths: Iterable, index: ReflowIndex) -> list[tuple[Path, dict[str, Any]]]:
+    """Shards sorted by start, after the cheap attribute checks (before any data is read)."""
+    shards = [(Path(p), read_shard_attrs(Path(p))) for p in shard_paths]
+    if not shards:
+        raise CouplingStoreError("merge_shards: no shard paths given")
+    ref_path, ref = shards[0]
+    for path, attrs in shards:
+        if attrs["fingerprint_hash"] != ref["fingerprint_hash"]:
+            raise FingerprintMismatchError(
+                f"{path}: fingerprint {attrs['fingerprint_hash'][:12]}... differs from {ref_path} "
+                f"({ref['fingerprint_hash'][:12]}...; keys {diff_keys(attrs['fingerprint'], ref['fingerprint'])})"
+            )
+        if attrs["index_hash"] != index.index_hash:
+            raise FingerprintMismatchError(
+                f"{path}: cut from index {attrs['index_hash'][:12]}..., not {index.path} ({index.index_hash[:12]}...)"
+            )
+        diff = [k for k in _GENERATION_KEYS if attrs[k] != ref[k]]
+        if diff:
+            raise FingerprintMismatchError(f"{path}: generation settings {diff} differ from {ref_path}")
+    shards.sort(key=lambda s: s[1]["range"][0])
+    _check_coverage(shards, len(index))
+    return shards
+
+
+def _check_coverage(shards: list[tuple[Path, dict[str, Any]]], total: int) -> None:
+    """Sorted shard ranges must tile [0, total) with no gap, overlap or duplicate."""
+    expected, prev = 0, None
+    for path, attrs in shards:
+        start, stop = attrs["range"]
+        if start < expected:
+            raise CouplingStoreError(f"{path}: range [{start}, {stop}) overlaps {prev} (which ends at {expected})")
+        if start > expected:
+            raise CouplingStoreError(f"{path}: gap before it: samples [{expected}, {start}) are in no shard")
+        expected, prev = stop, path
+    if expected != total:
+        raise CouplingStoreError(f"shards cover [0, {expected}) but the index has {total} samples (last: {prev})")
+
+
+def _check_truncation_args(quantile: float | None, fixed_threshold: float | None) -> None:
+    """Reject bad truncation settings before any data is read."""
+    if fixed_threshold is not None and not np.isfinite(fixed_threshold):
+        raise ValueError(f"fixed_threshold must be finite, got {fixed_threshold!r}")
+    if fixed_threshold is None and quantile is not None and not 0.0 < quantile <= 1.0:
+        raise ValueError(f"quantile must be in (0, 1], got {quantile!r}")
+
+
+def truncation(d: np.ndarray, *, quantile: float | None, fixed_threshold: float | None) -> dict[str, Any]:
+    """Threshold and kept/dropped counts for per-sample distances `d` (keep d <= threshold)."""
+    _check_truncation_args(quantile, fixed_threshold)
+    if fixed_threshold is not None:
+        mode, quantile, threshold = "fixed", None, float(fixed_threshold)
+    elif quantile is not None:
+        mode, threshold = "quantile", truncation_threshold(d, quantile)
+    else:
+        mode, threshold = "none", None
+    kept = int(d.size if threshold is None else np.count_nonzero(truncation_mask(d, threshold)))
+    return {"mode": mode, "quantile": quantile, "threshold": threshold, "kept": kept,
+            "dropped": int(d.size) - kept, "rule": "keep distance <= threshold"}
+
+
+def distance_stats(d: np.ndarray, bins: int) -> dict[str, Any]:
+    """Summary of the per-sample distances for the manifest and the report."""
+    pct = (1, 5, 10, 25, 50, 75, 90, 95, 99)
+    counts, edges = np.histogram(d, bins=bins)
+    return {
+        "mean": float(d.mean()), "std": float(d.std()), "min": float(d.min()), "max": float(d.max()),
+        "percentiles": {str(p): float(v) for p, v in zip(pct, np.percentile(d, pct))},
+        "histogram": {"counts": counts.tolist(), "edges": edges.tolist()},
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading for training
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """One generation chunk of the merged set: its shard and its local/global sample ranges."""
+
+    shard: int
+    path: Path
+    chunk: int
+    lo: int  # local range inside the shard store
+    hi: int
+    start: int  # global range (= sample ids)
+    stop: int
+
+
+class CouplingReader:
+    """Whole-chunk access to a merged coupling set described by a manifest."""
+
+    def __init__(self, manifest_path):
+        self.manifest_path = Path(manifest_path)
+        try:
+            self.manifest = json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise CouplingStoreError(f"{manifest_path}: cannot read coupling manifest: {e}") from e
+        if self.manifest.get("format") != MANIFEST_FORMAT:
+            raise CouplingStoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        base = self.manifest_path.parent
+        self.shard_paths = [base / s["path"] for s in self.manifest["shards"]]
+        groups = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
+        self._arrays = [{name: g[name] for name in DATA_ARRAYS} for g in groups]
+        self.chunks = [ref for k in range(len(self.shard_paths)) for ref in self._shard_chunks(k)]
+        self.threshold: float | None = self.manifest["truncation"]["threshold"]
+
+    def _open_checked(self, path: Path, entry: dict[str, Any]) -> zarr.Group:
+        """Open a shard and check it is the one the manifest lists (cheap: attributes only)."""
+        group, attrs = open_shard(path)
+        if attrs["fingerprint_hash"] != self.manifest["fingerprint_hash"] or attrs["index_hash"] != self.manifest["index_hash"]:
+            raise FingerprintMismatchError(f"{path}: fingerprint/index differ from manifest {self.manifest_path}")
+        if attrs["range"] != entry["range"]:
+            raise CouplingStoreError(f"{path}: range {attrs['range']} but manifest {self.manifest_path} says {entry['range']}")
+        return group
+
+    def _shard_chunks(self, k: int) -> list[ChunkRef]:
+        entry, chunk = self.manifest["shards"][k], self.manifest["chunk"]
+        start = entry["range"][0]
+        bounds = [(lo, min(lo + chunk, entry["count"])) for lo in range(0, entry["count"], chunk)]
+        return [ChunkRef(k, self.shard_paths[k], i, lo, hi, start + lo, start + hi) for i, (lo, hi) in enumerate(bounds)]
+
+    def __len__(self) -> int:
+        """Number of chunks."""
+        return len(self.chunks)
+
+    @property
+    def total(self) -> int:
+        return int(self.manifest["total"])
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        return self.manifest["fingerprint"]
+
+    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
+        """Chunk i as numpy: noise, endpoint, label, sample_id, plus distance and keep (truncation)."""
+        ref = self.chunks[i]
+        arrays = self._arrays[ref.shard]
+        out = {name: read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in DATA_ARRAYS}
+        out["distance"] = coupling_distance(out["noise"], out["endpoint"])
+        out["keep"] = np.ones(len(out["label"]), bool) if self.threshold is None else out["distance"] <= self.threshold
+        return out
+
+    def check_fingerprint(self, expected: dict[str, Any]) -> None:
+        """Raise FingerprintMismatchError unless `expected` equals the fingerprint the set was made with."""
+        if fingerprint_hash(expected) != self.manifest["fingerprint_hash"]:
+            raise FingerprintMismatchError(
+                f"{self.manifest_path}: couplings were made with a different fingerprint "
+                f"(keys differ: {diff_keys(json.loads(json.dumps(expected)), self.fingerprint)})"
+            )
+
+    def verify_checksums(self) -> None:
+        """Recompute every shard's store checksum (reads all data) and compare with the manifest."""
+        for path, entry in zip(self.shard_paths, self.manifest["shards"]):
+            if store_checksum(path) != entry["checksum"]:
+                raise CouplingStoreError(f"{path}: checksum differs from manifest {self.manifest_path}: store modified")
+
+
+def open_couplings(manifest_path) -> CouplingReader:
+    """Open a merged coupling set for reading (see CouplingReader)."""
+    return CouplingReader(manifest_path)
