@@ -276,7 +276,27 @@ def meanflow_loss_terms(
     model_fn: ModelFn | None = None,
     tangent_fn: ModelFn | None = None,
 ) -> MeanFlowTerms:
-    """MeanFlow loss of one batch of couplings (x, noise) with times (t, r); see `meanflow_loss`."""
+    """MeanFlow loss of one batch (MeanFlow Alg. 1 with Re-MeanFlow's targets), deterministic given its inputs.
+
+    x: data endpoints [N, C, H, W]; noise: the coupled noise n; labels: integer classes with -1
+    for the null class (or one-hot rows, all-zero = null), already class-dropped by the caller
+    (`drop_labels`); t, r: [N] from `sample_t_r`.
+
+    x_t = (1-t)·x + t·n, v = n - x. Stage 1 (w = w_pi = 1): v_hat = v. Stage 2: v_hat is the CFG
+    target of `cfg_target` (null-label rows keep v_hat = v). (u, du/dt) is the JVP of
+    (x_t, t, r) -> u(x_t, t, r | c) along (v_hat, 1, 0); u_tgt = v_hat - (t - r)·du/dt;
+    e = mean over C,H,W of (u - sg(u_tgt))^2; loss = mean(e / sg((e + c)^p)).
+
+    jvp selects how du/dt is computed (`jvp_t`): "tangent" (default: the network's own
+    hand-derived tangent pass, `networks.Precond.forward(..., v_hat=)`), "forward" (graph-free
+    `torch.func.jvp` tangent, any model), "forward-fused" or "autograd" (the official reference).
+    The network's forward must not mutate parameters: call `net.normalize_weights_()` before the
+    step. `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a
+    DDP-wrapped model, so gradient synchronisation is not bypassed); with jvp="tangent" it is
+    called with `v_hat=` and must return (u, du/dt). `tangent_fn`, if given, is used for the
+    no-grad `torch.func.jvp` tangent of jvp="forward" instead (e.g. that model's unwrapped
+    module, which `torch.func.jvp` can trace).
+    """
     model_fn = model_fn if model_fn is not None else net
     if model_fn is None:
         raise ValueError("pass a network or a model_fn")
@@ -301,43 +321,6 @@ def meanflow_loss_terms(
     return MeanFlowTerms(loss=loss, e=e.detach(), mse=e.detach().mean())
 
 
-def meanflow_loss(
-    net: ModelFn | None,
-    x: torch.Tensor,
-    noise: torch.Tensor,
-    labels: torch.Tensor | None,
-    t: torch.Tensor,
-    r: torch.Tensor,
-    *,
-    w: float = 1.0,
-    w_pi: float = 1.0,
-    p: float = 0.5,
-    c: float = 1e-2,
-    jvp: str = "tangent",
-    model_fn: ModelFn | None = None,
-    tangent_fn: ModelFn | None = None,
-) -> torch.Tensor:
-    """Scalar MeanFlow loss (MeanFlow Alg. 1 with Re-MeanFlow's targets), deterministic given its inputs.
-
-    x: data endpoints [N, C, H, W]; noise: the coupled noise n; labels: integer classes with -1
-    for the null class (or one-hot rows, all-zero = null), already class-dropped by the caller
-    (`drop_labels`); t, r: [N] from `sample_t_r`.
-
-    x_t = (1-t)·x + t·n, v = n - x. Stage 1 (w = w_pi = 1): v_hat = v. Stage 2: v_hat is the CFG
-    target of `cfg_target` (null-label rows keep v_hat = v). (u, du/dt) is the JVP of
-    (x_t, t, r) -> u(x_t, t, r | c) along (v_hat, 1, 0); u_tgt = v_hat - (t - r)·du/dt;
-    e = mean over C,H,W of (u - sg(u_tgt))^2; loss = mean(e / sg((e + c)^p)).
-
-    jvp selects how du/dt is computed (`jvp_t`): "tangent" (default: the network's own
-    hand-derived tangent pass, `networks.Precond.forward(..., v_hat=)`), "forward" (graph-free
-    `torch.func.jvp` tangent, any model), "forward-fused" or "autograd" (the official reference).
-    The network's forward must not mutate parameters: call `net.normalize_weights_()` before the
-    step. `model_fn(x_t, t, r, labels) -> u`, if given, replaces `net`'s forward (e.g. a
-    DDP-wrapped model, so gradient synchronisation is not bypassed); with jvp="tangent" it is
-    called with `v_hat=` and must return (u, du/dt). `tangent_fn`, if given, is used for the
-    no-grad `torch.func.jvp` tangent of jvp="forward" instead (e.g. that model's unwrapped
-    module, which `torch.func.jvp` can trace).
-    """
-    return meanflow_loss_terms(
-        net, x, noise, labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp, model_fn=model_fn, tangent_fn=tangent_fn
-    ).loss
+def meanflow_loss(*args, **kwargs) -> torch.Tensor:
+    """The scalar MeanFlow loss: `meanflow_loss_terms(...).loss`, same arguments."""
+    return meanflow_loss_terms(*args, **kwargs).loss

@@ -106,7 +106,7 @@ def code_hash(files: list[Path] | None = None) -> str:
 # Modules in every closure whose effect on a rule's outputs is entirely the settings values it
 # hands the rule, which are the rule's other params value: leaving them out means that adding a
 # setting reruns only the rules that setting enters.
-NOT_CODE_VERSION = ("settings.py",)
+NOT_CODE_VERSION = ("settings.py", "settings_base.py")
 
 
 def script_code_hash(script) -> str:

@@ -271,13 +271,18 @@ def plot_teacher_loss(columns: Mapping[str, np.ndarray] | None, out_png) -> list
         steps, loss = columns["step"][pick], columns["loss"][pick]
         _trend(ax, steps, loss, color=f"C{i}", label=f"{role} ({steps.size} steps)")
         notes += nonfinite_notes({"loss": loss}, ["loss"], f"teacher {role}: ")
-    ax.set_xlabel("step")
-    ax.set_ylabel("EDM2 loss")
-    ax.set_title("Teacher training", fontsize=10)
+    _finish_single(fig, ax, "step", "EDM2 loss", "Teacher training", out_png)
+    return notes
+
+
+def _finish_single(fig, ax, xlabel: str, ylabel: str, title: str, out_png) -> None:
+    """Labels, title, grid and legend of a one-panel figure, then the PNG."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, out_png)
-    return notes
 
 
 def plot_distance_histogram(dist: CouplingDistances, out_png) -> None:
@@ -290,12 +295,7 @@ def plot_distance_histogram(dist: CouplingDistances, out_png) -> None:
         how = f"quantile {t['quantile']:g}" if t.get("mode") == "quantile" else t.get("mode", "")
         ax.axvline(dist.threshold, color="C3", ls="--", lw=1.5,
                    label=f"threshold {dist.threshold:.4g} ({how}): kept {t.get('kept')}, dropped {t.get('dropped')}")
-    ax.set_xlabel("distance mean((n - x)²)")
-    ax.set_ylabel("couplings")
-    ax.set_title("Coupling distances and truncation", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_figure(fig, out_png)
+    _finish_single(fig, ax, "distance mean((n - x)²)", "couplings", "Coupling distances and truncation", out_png)
 
 
 def copy_figure(src, dst) -> None:

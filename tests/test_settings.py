@@ -15,7 +15,7 @@ import yaml
 from conftest import REPO, copy_checkout, deep_update
 
 from remeanflow import config as rmf_config
-from remeanflow import provenance, settings
+from remeanflow import provenance, settings, settings_base
 from remeanflow.workflow import step_params
 
 DEFAULT = yaml.safe_load((REPO / "config.yaml").read_text())
@@ -62,15 +62,15 @@ def test_schema_agrees_with_the_classes_field_by_field():
     def walk(cls, node, path):
         assert node["additionalProperties"] is False
         assert list(node["properties"]) == [f.name for f in dataclasses.fields(cls)], path
-        for f, tp in settings._fields(cls):  # noqa: SLF001 - the test checks the generator's own view
+        for f, tp in settings_base.fields_of(cls):
             prop = node["properties"][f.name]
             assert prop["description"].startswith(f.metadata["doc"]), f"{path}{f.name}"
             for bound, key in (("ge", "minimum"), ("gt", "exclusiveMinimum"), ("le", "maximum"),
                                ("lt", "exclusiveMaximum")):
                 if f.metadata[bound] is not None and "items" not in prop:
                     assert prop[key] == f.metadata[bound], f"{path}{f.name}"
-            inner, _ = settings._split_optional(tp)  # noqa: SLF001
-            if settings._is_section(inner):  # noqa: SLF001
+            inner, _ = settings_base.split_optional(tp)
+            if settings_base.is_section(inner):
                 walk(inner, prop, f"{path}{f.name}.")
 
     walk(settings.Settings, schema, "")
