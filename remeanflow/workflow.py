@@ -84,10 +84,10 @@ def step(smk, *, outputs: list[str] | None = None):
     `outputs` limits which outputs get sidecars (default: all).
     """
     setup_logging(smk.log[0] if len(smk.log) else None)
-    if "torch" in sys.modules:  # the data rules' environment need not have torch
-        sys.modules["torch"].set_num_threads(int(getattr(smk, "threads", 1) or 1))
     params = smk.params.step
     ctx = StepContext(smk=smk, settings=settings_mod.load(smk.config), config=params["settings"])
+    if "torch" in sys.modules:  # the data rules' environment need not have torch
+        sys.modules["torch"].set_num_threads(ctx.threads)
     started, t0 = provenance.now(), time.time()
     log.info("rule %s started; outputs: %s", smk.rule, list(smk.output))
     try:

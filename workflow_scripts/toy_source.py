@@ -3,7 +3,8 @@
 from remeanflow.data.toy import write_toy_archive
 from remeanflow.workflow import step
 
-with step(snakemake) as s:  # noqa: F821 - injected by Snakemake
+smk = snakemake  # noqa: F821 - injected by Snakemake
+with step(smk) as s:
     toy = s.settings.dataset.toy
     s.seeds["toy"] = toy.seed
-    s.extra["summary"] = write_toy_archive(snakemake.output[0], **toy.to_dict(), progress=True)  # noqa: F821
+    s.extra["summary"] = write_toy_archive(smk.output[0], **toy.to_dict(), progress=True)
