@@ -83,12 +83,12 @@ def make_batch(net, batch: int, stage: int, seed: int, w_max: float, device, rat
     but rows with r = t multiply du/dt by zero and would hide a wrong tangent from the loss check."""
     import torch
 
-    from remeanflow import meanflow
+    from remeanflow import meanflow, misc
 
     g = torch.Generator().manual_seed(seed)
     shape = (batch, net.img_channels, net.img_resolution, net.img_resolution)
     x, noise = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-    labels = meanflow.drop_labels(torch.randint(0, net.label_dim, (batch,), generator=g), 0.1, g)
+    labels = misc.drop_labels(torch.randint(0, net.label_dim, (batch,), generator=g), 0.1, g)
     t, r = meanflow.sample_t_r(batch, g, ratio_r_neq_t=ratio_r_neq_t)
     w = w_pi = 1.0
     if stage == 2:

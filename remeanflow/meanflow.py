@@ -125,13 +125,6 @@ def truncation_mask(distances, threshold: float):
     return distances <= threshold
 
 
-def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Replace integer class labels by the null class -1 with probability p (CFG class dropout)."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    drop = (torch.rand(labels.shape[0], generator=generator, device=gen_device) < p).to(labels.device)
-    return torch.where(drop, torch.full_like(labels, -1), labels)
-
-
 def cfg_weights(w_pi: float) -> tuple[float, float]:
     """Stage-2 mixing weights (w, k) for a guidance scale w' = w_pi drawn from U(1, w_max).
 
@@ -280,7 +273,7 @@ def meanflow_loss_terms(
 
     x: data endpoints [N, C, H, W]; noise: the coupled noise n; labels: integer classes with -1
     for the null class (or one-hot rows, all-zero = null), already class-dropped by the caller
-    (`drop_labels`); t, r: [N] from `sample_t_r`.
+    (`misc.drop_labels`); t, r: [N] from `sample_t_r`.
 
     x_t = (1-t)·x + t·n, v = n - x. Stage 1 (w = w_pi = 1): v_hat = v. Stage 2: v_hat is the CFG
     target of `cfg_target` (null-label rows keep v_hat = v). (u, du/dt) is the JVP of

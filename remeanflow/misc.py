@@ -36,3 +36,10 @@ def heun_nfe(num_steps: int) -> int:
 def uint8_to_float(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float32 in [-1, 1], x / 127.5 - 1 (EDM2's StandardRGBEncoder)."""
     return torch.as_tensor(images).to(torch.float32) / 127.5 - 1
+
+
+def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace integer class labels by the null class -1 with probability p (CFG class dropout)."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    drop = (torch.rand(labels.shape[0], generator=generator, device=gen_device) < p).to(labels.device)
+    return torch.where(drop, torch.full_like(labels, -1), labels)

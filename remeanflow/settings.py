@@ -152,7 +152,8 @@ class CouplingSettings(SamplerSettings):
     endpoint_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the teacher endpoint")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto", "teacher arithmetic (auto: bf16 on CUDA, fp32 on the CPU; EDM2 and the official code: fp16)")
-    fast_path: bool = setting(False, "CUDA: the fused guided denoiser of `accel` (channels-last, SDPA, compile)")
+    fast_path: bool = setting(False, "the fused guided denoiser of `accel` (channels-last, SDPA attention; compiled "
+                              "on CUDA); off until a GPU run of benchmarks/gpu_bench.py shows its numerics")
     truncation_quantile: float = setting(0.9, "keep couplings below this global quantile of mean((n-x)^2)", gt=0,
                                          le=1, rules=("couplings_merge",))
     fixed_threshold: Optional[float] = setting(None, "official-code mode: a fixed distance threshold (0.87) "

@@ -14,13 +14,14 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
+
 def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING,
-            ge=None, gt=None, le=None, lt=None, pattern: str | None = None, paper: Any = dataclasses.MISSING,
+            ge=None, gt=None, le=None, lt=None, pattern: str | None = None,
             rules: tuple[str, ...] | None = None) -> Any:
     """A settings field: default (or `factory` for a nested section), one-line doc, bounds
-    (ge/gt/le/lt; for a tuple they bound each item), a regex `pattern` for strings, the paper's
-    value when the default is not it, and the rules it enters (None: the section's `RULES`)."""
-    meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, paper=paper, rules=rules)
+    (ge/gt/le/lt; for a tuple they bound each item), a regex `pattern` for strings, and the rules
+    it enters (None: the section's `RULES`; `()`: none, it changes no result)."""
+    meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, rules=rules)
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -133,11 +134,8 @@ def section_schema(cls) -> dict:
     props = {}
     for f, tp in fields_of(cls):
         prop = _type_schema(tp, f.metadata)
-        doc = f.metadata.get("doc", "")
-        if f.metadata.get("paper", dataclasses.MISSING) is not dataclasses.MISSING:
-            doc += f" (paper: {f.metadata['paper']})"
-        if doc:
-            prop = {**prop, "description": doc}
+        if f.metadata.get("doc"):
+            prop = {**prop, "description": f.metadata["doc"]}
         if f.default is not dataclasses.MISSING:
             prop["default"] = plain(f.default)
         props[f.name] = prop

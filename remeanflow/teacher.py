@@ -31,8 +31,7 @@ import tqdm
 
 from . import checkpoints, networks
 from .fileio import atomic_path
-from .meanflow import drop_labels
-from .misc import tail_mean, uint8_to_float
+from .misc import drop_labels, tail_mean, uint8_to_float
 from .settings import TeacherTrainSettings
 
 # Keys of a net's init_kwargs that are fixed by the data, so a separately trained guide must

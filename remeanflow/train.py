@@ -18,7 +18,7 @@ run starts from and what it writes -- checkpoints, resume, snapshots, outputs, m
 Determinism and resume. Every random draw of step s on the process of GLOBAL rank r
 (`accelerator.process_index`, unique across nodes; the local rank repeats on every node) comes
 from generators keyed by (seed, s, r) -- (t, r) from `sample_t_r`, class dropout from
-`drop_labels`, and any global-RNG use such as dropout layers -- except w_pi, keyed by (seed, s)
+`misc.drop_labels`, and any global-RNG use such as dropout layers -- except w_pi, keyed by (seed, s)
 so that all processes use the same guidance scale (`draw_step`). The data order is the position
 of `loader.CouplingStream`. A checkpoint therefore only needs weights, EMA, optimiser, step and
 stream positions, and a run killed at any time and restarted from its newest checkpoint
@@ -61,8 +61,8 @@ from . import networks, train_loss, train_state
 from .coupling_set import open_couplings
 from .fileio import sha256_file
 from .loader import check_fingerprint_subset, keyed_seed, open_stream
-from .meanflow import cfg_weights, drop_labels, sample_t_r
-from .misc import require_int, tail_mean
+from .meanflow import cfg_weights, sample_t_r
+from .misc import drop_labels, require_int, tail_mean
 from .settings import TrainSettings, build
 
 MIXED_PRECISION = ("auto", "no", "bf16")

@@ -10,7 +10,7 @@ import scipy.integrate
 import scipy.stats
 import torch
 
-from remeanflow import meanflow, networks
+from remeanflow import meanflow, misc, networks
 from remeanflow.couplings import coupling_distance
 
 # ----------------------------------------------------------------------------------------------
@@ -182,11 +182,11 @@ def test_truncation_threshold_rejects_bad_input():
 def test_drop_labels():
     n, p = 100_000, 0.1
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0))
-    out = meanflow.drop_labels(labels, p, torch.Generator().manual_seed(1))
+    out = misc.drop_labels(labels, p, torch.Generator().manual_seed(1))
     dropped = out == -1
     assert abs(dropped.double().mean().item() - p) < 4 * math.sqrt(p * (1 - p) / n)
     assert torch.equal(out[~dropped], labels[~dropped])
-    assert torch.equal(out, meanflow.drop_labels(labels, p, torch.Generator().manual_seed(1)))
+    assert torch.equal(out, misc.drop_labels(labels, p, torch.Generator().manual_seed(1)))
 
 
 @pytest.mark.parametrize("w_pi, w, k", [(1.0, 1.0, 0.0), (1.5, 1.0, 1 / 3), (2.5, 1.5, 0.4), (3.0, 2.0, 1 / 3)])
