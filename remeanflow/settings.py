@@ -68,6 +68,19 @@ class DatasetSettings(Section):
     max_bad_fraction: float = setting(1e-4, "undecodable images tolerated (counted and listed) before the rule "
                                       "fails", ge=0, le=1, rules=("preprocess_shard",))
     decode_workers: int = setting(16, "JPEG decoding processes per shard job", ge=1, rules=())
+    min_images_per_class: int = setting(1, "a class with fewer decodable images is an error naming it; 0 accepts "
+                                        "empty classes", ge=0, rules=("preprocess_shard", "preprocess_merge"))
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadSettings(Section):
+    """Bounds of every download (dataset archive, EDM2 pickles, Inception weights, reference
+    statistics): what is fetched is checked by its sha256, so these change no result."""
+
+    attempts: int = setting(5, "attempts per file; a dropped connection, a server that ignores Range (restart "
+                            "from 0) or an HTTP error counts one", ge=1)
+    max_seconds: float = setting(86400.0, "bound on the whole download of one file, all attempts", gt=0)
+    retry_wait_s: float = setting(5.0, "pause before the next attempt (doubled each time, at most 60 s)", ge=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -322,6 +335,7 @@ class Settings(Section):
                         rules=("toy_source", "train_teacher", "reflow_index", "couplings_shard",
                                "init_time_embedding", "train_stage1", "train_stage2"))
     dataset: DatasetSettings = setting(factory=DatasetSettings, doc="dataset")
+    download: DownloadSettings = setting(factory=DownloadSettings, doc="bounds of every download")
     teacher: TeacherSettings = setting(factory=TeacherSettings, doc="teacher")
     couplings: CouplingSettings = setting(factory=CouplingSettings, doc="couplings")
     time_embedding: TimeEmbeddingSettings = setting(factory=TimeEmbeddingSettings, doc="time embedding fit")
