@@ -17,6 +17,8 @@ import tempfile
 
 import torch
 
+from .workflow import history_path
+
 
 def accelerate_command(processes: int) -> tuple[list[str], dict]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
@@ -29,7 +31,7 @@ def accelerate_command(processes: int) -> tuple[list[str], dict]:
 
 def launch_module(module: str, spec: dict, processes: int, log_file=None) -> None:
     """Run `python -m <module> <spec.json>` in `processes` ranks; raise if any rank fails.
-    The ranks' output is appended to `log_file` when given (the rule's log)."""
+    The ranks' output is appended to `log_file` and its `history_path` when given (the rule's log)."""
     if processes < 2:
         raise ValueError(f"launch_module is for several processes, got processes={processes}")
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
@@ -39,8 +41,15 @@ def launch_module(module: str, spec: dict, processes: int, log_file=None) -> Non
         if log_file is None:
             subprocess.run([*cmd, "-m", module, f.name], check=True, env=env)
         else:
-            with open(log_file, "a") as log:
-                subprocess.run([*cmd, "-m", module, f.name], check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+            with open(log_file, "a") as log, open(history_path(log_file), "a") as history:
+                proc = subprocess.Popen([*cmd, "-m", module, f.name], env=env, stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+                for line in proc.stdout:
+                    for out in (log, history):
+                        out.write(line)
+                        out.flush()
+                if proc.wait() != 0:
+                    raise subprocess.CalledProcessError(proc.returncode, proc.args)
     finally:
         os.unlink(f.name)
 

@@ -173,6 +173,17 @@ class CouplingSettings(SamplerSettings):
                                                "instead of the quantile", rules=("couplings_merge",))
     processes: int = setting(1, "processes per shard job (one per GPU)", ge=1, rules=())
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.index_mode == "random" and self.num_samples is None:
+            raise ValueError("config key couplings.num_samples must be set when couplings.index_mode is random")
+        # random mode knows the number of couplings now; imagenet mode once the images exist
+        chunks = -(-self.num_samples // self.batch) if self.index_mode == "random" else None
+        if chunks is not None and self.num_shards > chunks:
+            raise ValueError(f"config key couplings.num_shards = {self.num_shards}: more shards than the {chunks} "
+                             f"generation chunks of {self.batch} ({self.num_samples} couplings); every shard needs "
+                             "at least one chunk")
+
     @property
     def sampler(self) -> SamplerSettings:
         return SamplerSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(SamplerSettings)})

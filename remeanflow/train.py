@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import os
 import time
@@ -64,6 +65,8 @@ from .loader import check_fingerprint_subset, keyed_seed, open_stream
 from .meanflow import cfg_weights, sample_t_r
 from .misc import drop_labels, require_int, tail_mean
 from .settings import TrainSettings, build
+
+log = logging.getLogger(__name__)
 
 MIXED_PRECISION = ("auto", "no", "bf16")
 # Parameters that do not enter u(x_t, t, r | c): the teacher's ln(sigma)/4 embedding (replaced by
@@ -358,14 +361,23 @@ def train_meanflow(
         work_dir.mkdir(parents=True, exist_ok=True)
         train_state.remove_stale_temporaries(work_dir)
     ckpt_path, ckpt = train_state.find_resume_checkpoint(accelerator, work_dir)
-    if ckpt is not None and on_stale_work_dir == "archive" and (diff := train_state.config_diff(ckpt, config)):
-        train_state.archive_stale_work_dir(accelerator, work_dir, ckpt, diff)
-        ckpt_path, ckpt = None, None
+    if ckpt is not None and on_stale_work_dir == "archive":
+        diff = train_state.config_diff(ckpt, config)
+        if ckpt["step"] > iterations:  # a lowered `iterations`: its run is not a prefix of this one
+            diff.append(f"iterations lowered to {iterations}, below the checkpoint's step {ckpt['step']}")
+        if diff:
+            train_state.archive_stale_work_dir(accelerator, work_dir, ckpt, diff)
+            ckpt_path, ckpt = None, None
     if ckpt is not None:
         train_state.check_resumable(ckpt_path, ckpt, config, iterations)
         start.net.load_state_dict(ckpt["model"])
         start.ema.load_state_dict(ckpt["ema"])
     resumed_from = int(ckpt["step"]) if ckpt is not None else None
+    if accelerator.is_main_process:
+        if resumed_from is None:
+            log.info("stage %d: training from the start for %d steps (work folder %s)", stage, iterations, work_dir)
+        else:
+            log.info("stage %d: resuming from %s at step %d of %d", stage, ckpt_path, resumed_from, iterations)
     stream = open_stream(reader, batch_size=config["batch_size"], seed=config["seed"],
                          window_chunks=config["window_chunks"], rank=accelerator.process_index, world=world,
                          saved_streams=ckpt["streams"] if ckpt is not None else None, ckpt_path=ckpt_path,

@@ -176,13 +176,15 @@ def archive_stale_work_dir(accelerator: Accelerator, work_dir: Path, obj: dict[s
     """Move a work_dir made with other settings aside (never deleted: its checkpoints and snapshots
     stay auditable) so that this run starts fresh. Used by the workflow, where a rerun with changed
     inputs or parameters is Snakemake's decision, not a resume."""
-    stale = work_dir.with_name(f"{work_dir.name}.stale-{str(obj.get('config_hash', 'unknown'))[:12]}")
+    # the step keeps two archives of one configuration apart (e.g. iterations lowered twice)
+    stale = work_dir.with_name(f"{work_dir.name}.stale-{str(obj.get('config_hash', 'unknown'))[:12]}"
+                               f"-step{int(obj['step']):08d}")
     if accelerator.is_main_process:
-        if stale.exists():
+        if stale.exists():  # the very same checkpoint archived before: nothing of it would be lost
             shutil.rmtree(stale)
         work_dir.rename(stale)
         work_dir.mkdir(parents=True)
-        log.warning("%s was trained with other settings (%s): moved to %s, starting fresh",
+        log.warning("%s was trained with other settings or past this run's end (%s): moved to %s, starting fresh",
                     work_dir, "; ".join(diff), stale)
     accelerator.wait_for_everyone()
 

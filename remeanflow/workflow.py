@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,13 +38,29 @@ def _named(namedlist) -> dict[str, list[str]]:
     return out
 
 
+def history_path(log_file) -> Path:
+    """The append-only record of every attempt of a rule's log: Snakemake removes a job's log
+    before it runs the job again, so a killed attempt's lines survive only here."""
+    log_file = Path(log_file)
+    return log_file.with_name(log_file.name + ".history")
+
+
 def setup_logging(log_file=None, level=logging.INFO) -> None:
+    """Log to stderr, to the rule's log file and to its append-only history (`history_path`).
+    Snakemake removes a job's log before a rerun; the log then starts with the earlier attempts'
+    lines from the history (a killed attempt's included), then this attempt's header. Child
+    processes (accelerate ranks) write to both files too (`launch.launch_module`)."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        open(log_file, "w").close()
-        # append mode: child processes (accelerate ranks) append to the same log
-        handlers.append(logging.FileHandler(log_file, mode="a"))
+        log_file, history = Path(log_file), history_path(log_file)
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        header = f"===== attempt started {provenance.now()} (pid {os.getpid()}) =====\n"
+        earlier = history.read_text() if history.is_file() and not log_file.exists() else ""
+        with open(log_file, "a") as f:
+            f.write(earlier + header)
+        with open(history, "a") as f:
+            f.write(header)
+        handlers += [logging.FileHandler(log_file, mode="a"), logging.FileHandler(history, mode="a")]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True)
 
 

@@ -1,6 +1,7 @@
 # Shared helpers: config validation, typed settings, run paths, per-rule resources and params.
 import shlex
 import sys
+from pathlib import Path
 
 from remeanflow import config as rmf_config
 from remeanflow import settings as rmf_settings
@@ -11,6 +12,15 @@ _validated = rmf_config.validate(config)
 config.clear()
 config.update(_validated)
 S = rmf_settings.load(config)
+
+# A second Snakemake started here while another runs would first meet Snakemake's
+# incomplete-files check, whose advice (--rerun-incomplete) is dangerous while the first is active.
+if workflow.is_main_process and any(Path(".snakemake/locks").glob("*.lock")):
+    sys.stderr.write(
+        "\nremeanflow: ANOTHER SNAKEMAKE RUN IS ACTIVE in this directory (or one was killed): "
+        ".snakemake/locks holds its locks. While it runs, do not use --rerun-incomplete or --unlock; "
+        "wait for it. If no run is active, `snakemake --unlock` first.\n\n"
+    )
 
 RUN = f"{S.results_dir}/{S.run_name}"
 PYTHON = shlex.quote(sys.executable)

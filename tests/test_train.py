@@ -171,6 +171,26 @@ def test_stale_work_dir_is_archived_when_asked(data, stage1, tmp_path):
         run_meanflow(**run_kw(data, tmp_path, iterations=3, on_stale_work_dir="delete"))
 
 
+def test_lowered_iterations_archive_and_train_fresh_and_resumes_are_logged(data, stage1, tmp_path, caplog):
+    """`iterations` below a finished run's checkpoint: refused for library use; the workflow
+    ("archive") moves the work folder aside and trains fresh, like any other settings change."""
+    shutil.copytree(stage1["root"] / "work", tmp_path / "work")
+    with pytest.raises(ValueError, match="checkpoint at step 40 is past iterations=4"):
+        run_meanflow(**run_kw(data, tmp_path, iterations=4))
+    with caplog.at_level("INFO", logger="remeanflow"):
+        summary = run_meanflow(**run_kw(data, tmp_path, iterations=4, on_stale_work_dir="archive"))
+    assert summary["resumed_from"] is None and summary["steps_run"] == 4
+    stale = list(tmp_path.glob("work.stale-*-step00000040"))
+    assert len(stale) == 1 and ckpt_steps(stale[0]) == [30, 40]
+    assert "iterations lowered to 4, below the checkpoint's step 40" in caplog.text
+    assert "training from the start for 4 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="remeanflow"):
+        longer = run_meanflow(**run_kw(data, tmp_path, iterations=6, on_stale_work_dir="archive"))
+    assert longer["resumed_from"] == 4 and longer["steps_run"] == 2
+    assert "resuming from" in caplog.text and "at step 4 of 6" in caplog.text
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     """SIGKILL a worker between checkpoints (after it logged steps past the last one), rerun it to
     the end: EMA, model and logged losses equal an uninterrupted run's exactly."""
