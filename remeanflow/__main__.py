@@ -1,5 +1,18 @@
 """Command line: `python -m remeanflow provenance <artifact> [--verify] [--json]`, `python -m
-remeanflow schema [--check]`."""
+remeanflow schema [--check]`.
+
+`provenance` prints the artifact's lineage; with `--verify` it re-hashes the artifact itself and
+every input of the whole lineage (each once; also the other outputs of each job in it, against
+their own sidecars) against the hashes the sidecars recorded, and lists each one that changed or
+is missing: path, recorded hash, hash now (or missing) and which artifacts recorded it. `--json`
+prints {"lineage", "verified", "problems"}, each problem with a `kind` ("changed" or "missing"),
+`path`, `recorded`, `current` (null if missing), `recorded_by` and `same_job_as` (null, or the
+lineage node whose job also wrote this output).
+
+Exit codes of `provenance`: 0 = everything verified (or lineage printed without `--verify`);
+1 = something changed or is missing (or a sidecar in the lineage is unreadable); 2 = the artifact
+has no provenance sidecar, or a usage error.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +22,33 @@ import sys
 
 from . import config, provenance, settings
 
+PROVENANCE_EXIT_CODES = """exit codes: 0 = everything verified (or lineage printed without --verify);
+1 = something changed or is missing (each listed), or a sidecar in the lineage is unreadable;
+2 = the artifact has no provenance sidecar, or a usage error"""
+
 
 def _provenance(args) -> int:
-    tree = provenance.lineage(args.artifact)
-    if tree["rule"] is None:
+    if not provenance.sidecar_path(args.artifact).is_file():
         print(f"{args.artifact}: no provenance sidecar ({provenance.sidecar_path(args.artifact)})", file=sys.stderr)
         return 2
-    changed = provenance.verify(args.artifact) if args.verify else None
+    hashes: dict = {}  # shared, so that lineage and verify hash each source once
+    try:
+        tree = provenance.lineage(args.artifact, hashes=hashes)
+        problems = provenance.verify(args.artifact, hashes=hashes) if args.verify else None
+    except ValueError as e:  # a sidecar in the lineage that is no longer JSON: it changed
+        print(e, file=sys.stderr)
+        return 1
     if args.json:
-        print(json.dumps({"lineage": tree, "changed": changed}, indent=2))
+        verified = None if problems is None else not problems
+        print(json.dumps({"lineage": tree, "verified": verified, "problems": problems}, indent=2))
     else:
         print(provenance.format_tree(tree))
-        if changed is not None:
-            if changed:
-                print(f"\n{len(changed)} input(s) changed since they were recorded:")
-                for c in changed:
-                    print(f"  {c['path']}: recorded {c['recorded'][:12]}, now {c['now'][:12]}")
-            else:
-                print("\nall recorded inputs still on disk are unchanged")
-    return 1 if changed else 0
+        if problems:
+            print(f"\nverify FAILED: {len(problems)} changed or missing since recorded:")
+            print(provenance.format_problems(problems))
+        elif problems is not None:
+            print("\nverified: the artifact and every input of its lineage are unchanged")
+    return 1 if problems else 0
 
 
 def _schema(args) -> int:
@@ -45,10 +66,15 @@ def _schema(args) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="remeanflow")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("provenance", help="print the lineage of an artifact back to the dataset and teacher")
+    p = sub.add_parser("provenance", help="print the lineage of an artifact back to the dataset and teacher",
+                       description="Print the lineage of an artifact back to the dataset and teacher; with "
+                                   "--verify, check it against the recorded hashes.",
+                       epilog=PROVENANCE_EXIT_CODES)
     p.add_argument("artifact")
-    p.add_argument("--verify", action="store_true", help="re-hash inputs still on disk; exit 1 if any changed")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the artifact and every input of its lineage; list each changed or missing one")
+    p.add_argument("--json", action="store_true",
+                   help='machine-readable output; with --verify, "problems" lists each with its "kind"')
     p.set_defaults(func=_provenance)
     p = sub.add_parser("schema", help="write schemas/config.schema.yaml from the settings classes")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the settings classes")

@@ -5,6 +5,11 @@ depends on (and its hash), every input with its content hash, the code version (
 flag and a hash of the package sources), package versions, host, devices, times and seeds. Input
 hashes are taken from the input's own sidecar when it has one, so a 100 GB store is hashed once, by
 the rule that wrote it, and lineage can be followed sidecar to sidecar back to the raw archive.
+
+`verify` re-hashes the artifact and every node of its lineage once and compares each with every
+hash recorded for it (its own sidecar's and its consumers'); `python -m remeanflow provenance
+<artifact> --verify` exits 0 when all match, 1 when something changed or is missing, 2 when the
+artifact has no sidecar.
 """
 
 from __future__ import annotations
@@ -155,8 +160,14 @@ def devices() -> list[str]:
 
 
 def read(artifact) -> dict | None:
+    """The artifact's sidecar record, None without one; ValueError naming it if it is not JSON."""
     p = sidecar_path(artifact)
-    return json.loads(p.read_text()) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return json.loads(p.read_text())
+    except ValueError as e:
+        raise ValueError(f"provenance: unreadable sidecar {p}: {e}") from e
 
 
 def describe_input(path) -> dict:
@@ -236,16 +247,31 @@ def _root(artifact: Path, record: dict) -> Path:
     return Path(record.get("workdir") or ".")
 
 
-def lineage(artifact, seen: set | None = None) -> dict:
+def current_hash(path, hashes: dict | None = None) -> str | None:
+    """`content_hash` of `path` now (None if it does not exist); `hashes` (resolved path -> hash)
+    caches it, so a file or store reached along several edges is hashed once."""
+    path = Path(path)
+    key = str(path.resolve())
+    if hashes is not None and key in hashes:
+        return hashes[key]
+    digest = content_hash(path) if path.exists() else None
+    if hashes is not None:
+        hashes[key] = digest
+    return digest
+
+
+def lineage(artifact, seen: set | None = None, hashes: dict | None = None) -> dict:
     """Tree of sidecars from `artifact` back to artifacts without one (raw archives, user files).
-    Artifacts already in `seen` (resolved paths; shared across calls if given) are not expanded again."""
+    Artifacts already in `seen` (resolved paths; shared across calls if given) are not expanded again.
+    A node with a sidecar carries its recorded hash; one without, its hash now (cached in `hashes`).
+    A child carries what its consumer recorded about it: `role`, `recorded_sha256`, `hash_source`."""
     _seen = set() if seen is None else seen
     artifact = Path(artifact)
     record = read(artifact)
     node = {"path": str(artifact), "rule": None, "sha256": None, "inputs": []}
     if record is None:
-        node["sha256"] = content_hash(artifact) if artifact.exists() else None
-        node["missing"] = not artifact.exists()
+        node["sha256"] = current_hash(artifact, hashes)
+        node["missing"] = node["sha256"] is None
         return node
     node.update(rule=record["rule"], sha256=record["output"]["sha256"], config_hash=record["config_hash"],
                 commit=record["code"].get("commit"), dirty=record["code"].get("dirty"), finished=record.get("finished"))
@@ -257,28 +283,119 @@ def lineage(artifact, seen: set | None = None) -> dict:
     root = _root(artifact, record)
     for name, entries in record["inputs"].items():
         for entry in entries:
-            child = lineage(root / entry["path"], _seen)
+            child = lineage(root / entry["path"], _seen, hashes)
             child["role"] = name
             child["recorded_sha256"] = entry["sha256"]
+            child["hash_source"] = entry.get("hash_source")
             node["inputs"].append(child)
     return node
 
 
-def verify(artifact) -> list[dict]:
-    """Re-hash every input of the lineage still on disk; list those whose content changed."""
-    changed = []
+def _job_key(record: dict) -> str:
+    """What every output of one job shares in its sidecar (`workflow.step` writes them together)."""
+    return stable_hash([record.get("rule"), record.get("wildcards"), record.get("started"), record.get("inputs")])
 
-    def walk(node):
+
+def same_job_outputs(artifact, record: dict | None = None, index: dict | None = None) -> list[Path]:
+    """Other outputs of the job that made `artifact`, found beside it: sidecars in its folder with
+    the same rule, wildcards, start time and inputs (e.g. `labels.csv` beside `images.zarr`).
+    `index` caches each folder's sidecars by job (folder -> job key -> artifacts)."""
+    artifact = Path(artifact)
+    record = read(artifact) if record is None else record
+    index = {} if index is None else index
+    folder = str(artifact.parent.resolve())
+    if folder not in index:
+        jobs: dict[str, list[Path]] = {}
+        for side in sorted(artifact.parent.glob("*" + SUFFIX)):
+            try:
+                other = json.loads(side.read_text())
+            except (OSError, ValueError):
+                continue  # an unreadable sidecar is no evidence of a sibling
+            jobs.setdefault(_job_key(other), []).append(side.with_name(side.name[: -len(SUFFIX)]))
+        index[folder] = jobs
+    me = artifact.resolve()
+    return [p for p in index[folder].get(_job_key(record), []) if p.resolve() != me]
+
+
+def verify(artifact, hashes: dict | None = None) -> list[dict]:
+    """Check the artifact and every input of its lineage against what the sidecars recorded.
+
+    Each distinct path is hashed once (`content_hash`, so a directory is hashed like when it was
+    recorded) and compared with every hash recorded for it: the one in its own sidecar
+    (`output.sha256`) and the one each consumer recorded among its `inputs`. An input recorded with
+    `hash_source: sidecar` is thereby checked both ways: its sidecar must still say what the
+    consumer recorded, and its content must still match its sidecar. Such an input whose sidecar
+    has gone is reported too: its lineage can no longer be followed.
+
+    The other outputs of every job in the lineage (`same_job_outputs`, e.g. `labels.csv`, written
+    with `images.zarr` but read by no rule) are checked against their own sidecars too: a job's
+    outputs stand or fall together. Their problems name the lineage node in `same_job_as`.
+
+    Returns the problems, lineage first, one per (path, recorded hash, current hash):
+    ``{"kind": "changed" | "missing", "path", "recorded", "current" (None if missing),
+    "recorded_by": [artifacts whose sidecars recorded that hash; the path itself for its own],
+    "same_job_as": None, or the lineage node made by the same job}``.
+    An empty list means everything verified. Raises FileNotFoundError if `artifact` has no sidecar.
+    """
+    hashes = {} if hashes is None else hashes
+    tree = lineage(artifact, hashes=hashes)
+    if tree["rule"] is None:
+        raise FileNotFoundError(f"provenance: {artifact} has no sidecar ({sidecar_path(artifact)})")
+    problems: dict[tuple, dict] = {}
+    made: list[str] = []  # lineage nodes with a sidecar, in walk order
+
+    def claim(path: str, recorded: str | None, by: str, *, sidecar_gone: bool = False,
+              same_job_as: str | None = None) -> None:
+        if sidecar_gone:
+            target = str(sidecar_path(path))
+            now_hash = None
+        else:
+            target = path
+            now_hash = current_hash(path, hashes)
+            if now_hash is not None and now_hash == recorded:
+                return
+        key = (str(Path(target).resolve()), recorded, now_hash)
+        entry = problems.setdefault(key, {"kind": "missing" if now_hash is None else "changed", "path": target,
+                                          "recorded": recorded, "current": now_hash, "recorded_by": [],
+                                          "same_job_as": same_job_as})
+        if by not in entry["recorded_by"]:
+            entry["recorded_by"].append(by)
+
+    def walk(node: dict) -> None:
+        if node["rule"] is not None and not node.get("repeated"):
+            claim(node["path"], node["sha256"], node["path"])
+            made.append(node["path"])
         for child in node["inputs"]:
-            path = Path(child["path"])
-            if path.exists():
-                now_hash = content_hash(path)
-                if now_hash != child["recorded_sha256"]:
-                    changed.append({"path": str(path), "recorded": child["recorded_sha256"], "now": now_hash})
+            claim(child["path"], child["recorded_sha256"], node["path"])
+            if child["hash_source"] == "sidecar" and child["rule"] is None:
+                claim(child["path"], None, node["path"], sidecar_gone=True)
             walk(child)
 
-    walk(lineage(artifact))
-    return changed
+    walk(tree)
+    in_lineage = {str(Path(p).resolve()) for p in made}
+    index: dict = {}
+    for path in made:
+        for other in same_job_outputs(path, index=index):
+            if str(other.resolve()) not in in_lineage:
+                in_lineage.add(str(other.resolve()))
+                claim(str(other), read(other)["output"]["sha256"], str(other), same_job_as=path)
+    return list(problems.values())
+
+
+def format_problems(problems: list[dict]) -> str:
+    """Human-readable list of `verify` problems: kind, path, recorded hash and by whom, hash now."""
+    lines = []
+    for p in problems:
+        by = ", ".join("its own sidecar" if b == p["path"] else b for b in p["recorded_by"])
+        lines.append(f"  {p['kind'].upper():8s} {p['path']}")
+        if p.get("same_job_as"):
+            lines.append(f"           (not in the lineage: made by the job that made {p['same_job_as']})")
+        if p["recorded"] is None:  # an input's sidecar that is gone
+            lines.append(f"           provenance sidecar of an input, recorded as its hash source by {by}")
+            continue
+        lines.append(f"           recorded {p['recorded']} by {by}\n"
+                     f"           now      {p['current'] or 'missing'}")
+    return "\n".join(lines)
 
 
 def format_tree(node, indent: str = "") -> str:

@@ -110,8 +110,8 @@ def test_provenance_cli_and_verify(tiny_run, tmp_path):
     out = subprocess.run([sys.executable, "-m", "remeanflow", "provenance", str(copy / "reflow" / "index.zarr"),
                           "--verify", "--json"], capture_output=True, text=True)
     assert out.returncode == 1
-    changed = {c["path"] for c in json.loads(out.stdout)["changed"]}
-    assert changed == {str(archive)}
+    problems = {c["path"]: c["kind"] for c in json.loads(out.stdout)["problems"]}
+    assert problems == {str(archive): "changed"}
 
 
 def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
