@@ -228,6 +228,9 @@ class StageSettings(Section):
                                      "null", ge=1)
 
 
+TRACKERS = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings(Section):
     """Re-MeanFlow training (both stages); `stage(n)` is what one stage's training takes."""
@@ -247,6 +250,10 @@ class TrainSettings(Section):
     p: float = setting(0.5, "adaptive loss weight power", ge=0)
     c: float = setting(0.01, "adaptive loss weight constant", gt=0)
     time_sampler: TimeSamplerSettings = setting(factory=TimeSamplerSettings, doc="(t, r) sampler")
+    trackers: tuple[TRACKERS, ...] = setting((), "experiment trackers (accelerate's) that get every "
+                                                     "metric of the CSV per step and the one-step sample grid at "
+                                                     "each snapshot, logged under the stage's work folder; "
+                                                     "e.g. [tensorboard]", rules=())
     checkpoint_every: int = setting(1000, "steps between resumable checkpoints", ge=1, rules=())
     snapshot_every: Optional[int] = setting(None, "keep an EMA snapshot every N steps (evaluate it as "
                                             "eval/<stage>-stepNNNNNNNN)", ge=1, rules=())

@@ -37,7 +37,8 @@ class Section:
             key, value = type(self).__name__ + "." + f.name, getattr(self, f.name)
             check_value(key, value, f.metadata)
             choices = choices_of(tp)
-            if choices is not None and value not in choices:
+            items = value if is_variadic(tp) else (value,)
+            if choices is not None and any(v not in choices for v in items):
                 raise ValueError(f"config key {key} = {value!r}: must be one of {list(choices)}")
 
     def to_dict(self) -> dict[str, Any]:
@@ -89,9 +90,18 @@ def split_optional(tp) -> tuple[Any, bool]:
     return tp, False
 
 
+def is_variadic(tp) -> bool:
+    """`tuple[X, ...]` (optionally `Optional`): a list of any length in the config."""
+    inner, _ = split_optional(tp)
+    return typing.get_origin(inner) is tuple and typing.get_args(inner)[-1] is Ellipsis
+
+
 def choices_of(tp) -> tuple | None:
-    """The allowed values of a `Literal` (or optional `Literal`) field, else None."""
+    """The allowed values of a `Literal` (or optional `Literal`) field, or of each item of a
+    `tuple[Literal[...], ...]` field, else None."""
     inner, nullable = split_optional(tp)
+    if is_variadic(inner):
+        inner, nullable = typing.get_args(inner)[0], False
     if typing.get_origin(inner) is not Literal:
         return None
     return (*typing.get_args(inner), None) if nullable else typing.get_args(inner)
@@ -114,6 +124,8 @@ def _type_schema(tp, meta) -> dict:
         return {"enum": [*choices, None] if nullable else choices}
     if origin is tuple:
         item = _type_schema(typing.get_args(inner)[0], meta)
+        if typing.get_args(inner)[-1] is Ellipsis:  # tuple[X, ...]: any length, no repeats
+            return {"type": "array", "items": item, "uniqueItems": True}
         n = len(typing.get_args(inner))
         return {"type": "array", "items": item, "minItems": n, "maxItems": n}
     if origin is dict:

@@ -58,7 +58,7 @@ import torch
 import tqdm
 from accelerate import Accelerator
 
-from . import networks, train_loss, train_state
+from . import networks, tracking, train_loss, train_state
 from .coupling_set import open_couplings
 from .fileio import sha256_file
 from .loader import check_fingerprint_subset, keyed_seed, open_stream
@@ -107,20 +107,21 @@ def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None
 # Processes.
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+def make_accelerator(mixed_precision: str = "auto", trackers: tuple[str, ...] = (), logging_dir=None) -> Accelerator:
     """The Accelerator of one training process: a single process, or one rank of a launched run.
 
     mixed_precision: "auto" (bf16 on CUDA, none on the CPU), "no" or "bf16". `cpu=True` where
     there is no GPU: without it accelerate ignores the launcher's process group on a GPU-less
     machine and every launched process trains alone as "process 0 of 1" (each writing the same
     outputs). The launcher's WORLD_SIZE is checked against what accelerate set up, so that such a
-    silent split is an error.
+    silent split is an error. `trackers` (accelerate's names) log under `logging_dir`.
     """
     if mixed_precision not in MIXED_PRECISION:
         raise ValueError(f"mixed_precision must be one of {MIXED_PRECISION}, got {mixed_precision!r}")
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available(),
+                              log_with=list(trackers) or None, project_dir=logging_dir)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
         raise RuntimeError(
@@ -337,7 +338,7 @@ def train_meanflow(
     """
     if on_stale_work_dir not in ("refuse", "archive"):
         raise ValueError(f"on_stale_work_dir must be 'refuse' or 'archive', got {on_stale_work_dir!r}")
-    accelerator = make_accelerator(mixed_precision)
+    accelerator = make_accelerator(mixed_precision, settings.trackers, Path(work_dir) / "trackers")
     world = accelerator.num_processes
     hyper = hyperparameters(settings, stage, seed)
     check_layout(hyper, world)
@@ -388,6 +389,8 @@ def train_meanflow(
         trainer.optimizer.load_state_dict(ckpt["optimizer"])
     metrics = train_state.Metrics(work_dir / "metrics.csv", ckpt["metrics"].tolist() if ckpt is not None else [],
                                   enabled=accelerator.is_main_process)
+    if settings.trackers:
+        tracking.start(accelerator, stage, config)
 
     first = (resumed_from or 0) + 1
     t0 = time.perf_counter()
@@ -400,15 +403,21 @@ def train_meanflow(
             row = train_step(trainer, inputs, step, fail=step == fail_at_step)
             row["samples_per_s"] = batch_size / (time.perf_counter() - started)
             metrics.append(row)
+            if settings.trackers:
+                accelerator.log(row, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if step % checkpoint_every == 0 or step == iterations:
                 train_state.save_checkpoint(trainer, stream, work_dir, step, metrics, keep_checkpoints)
             if snapshot_every is not None and step % snapshot_every == 0 and accelerator.is_main_process:
                 train_state.save_snapshot(trainer, work_dir, step, start.encoder)
+                if settings.trackers:
+                    tracking.log_grid(accelerator, trainer.ema, step)
     finally:
         bar.close()
         metrics.close()
+        if settings.trackers:
+            accelerator.end_training()
     seconds = time.perf_counter() - t0
 
     paths: dict[str, str] = {}

@@ -191,6 +191,25 @@ def test_lowered_iterations_archive_and_train_fresh_and_resumes_are_logged(data,
     assert "resuming from" in caplog.text and "at step 4 of 6" in caplog.text
 
 
+def test_trackers_get_every_metric_and_the_snapshot_grids(data, tmp_path):
+    """train.trackers: [tensorboard]; read back with TensorBoard's own event-file reader."""
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    plain = run_meanflow(**run_kw(data, tmp_path / "plain", iterations=4, snapshot_every=2))
+    tracked = run_meanflow(**run_kw(data, tmp_path / "tracked", iterations=4, snapshot_every=2,
+                                    trackers=("tensorboard",)))
+    assert plain["final_loss"] == tracked["final_loss"]  # logging changes no result
+    runs = [p.parent for p in (tmp_path / "tracked" / "work" / "trackers").rglob("events.out.tfevents.*")]
+    events = event_accumulator.EventAccumulator(str(runs[0]), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    rows = pd.read_csv(tmp_path / "tracked" / "out" / "metrics.csv")
+    for column in train_state.METRICS_COLUMNS[1:]:
+        logged = events.Scalars(column)
+        assert [e.step for e in logged] == [1, 2, 3, 4], column
+        assert [e.value for e in logged] == pytest.approx(rows[column].tolist(), rel=1e-6), column
+    images = events.Images("one_step_samples")
+    assert [e.step for e in images] == [2, 4] and images[0].width > 0
+
+
 def test_kill_and_resume_reproduces_the_uninterrupted_run(data, tmp_path):
     """SIGKILL a worker between checkpoints (after it logged steps past the last one), rerun it to
     the end: EMA, model and logged losses equal an uninterrupted run's exactly."""
