@@ -44,7 +44,7 @@ import tqdm
 from . import fid, inception, sampling, vae
 from .checkpoints import net_sha256
 from .data.preprocess import load_images
-from .figures import grid_indices, save_grid
+from .figures import grid_indices, save_panels
 from .fileio import atomic_path, sha256_file
 from .heldout import (
     Heldout,
@@ -62,6 +62,9 @@ from .reference_stats import (
     reference_rows,
 )
 
+# Panel titles of the sample grid, by generator.
+GRID_TITLES = {"one_step": "one-step model", "initial_one_step": "untrained (1 step)",
+               "teacher_1step": "teacher, 1 Euler step", "teacher_endpoint": "teacher ODE"}
 METRICS_FORMAT = "remeanflow-eval-v1"
 SHARD_FORMAT = "remeanflow-eval-shard-v1"
 PIXEL_ENCODER = vae.PIXEL_ENCODER  # EDM2's encoder for nets that work on pixels in [-1, 1]
@@ -369,7 +372,7 @@ def evaluate_checkpoint(
     pixel_resolution: int | None = None,
     grid_per_class: int = 2,
     grid_max_classes: int = 10,
-    grid_scale: int = 4,
+    grid_min_px: int = 64,
     pixel_ref_stats=None,
     sampled: dict | None = None,
     device=None,
@@ -383,8 +386,9 @@ def evaluate_checkpoint(
     error against themselves is 0 by definition; the row is there for its Fréchet distance).
     The pixel Fréchet distance is computed only for pixel-space nets (EDM2 StandardRGBEncoder);
     latent nets would need the VAE decoder, and their grid shows latent channels 0-2.
-    Grid: rows = held-out samples (`grid_per_class` per class for up to `grid_max_classes`
-    classes), columns as listed in ``grid.columns`` of the JSON.
+    Grid (`figures.save_panels`): one panel per generator (``grid.panels`` of the JSON), each with
+    the same held-out samples: `grid_per_class` per class for up to `grid_max_classes` classes,
+    classes as rows; images upscaled by nearest neighbour to at least `grid_min_px` pixels.
 
     `pixel_ref_stats`: precomputed pixel statistics of the dataset (.npz) instead of reading
     `images_store` again. `sampled`: the result of `sampled_metrics` for this checkpoint; its FID
@@ -431,9 +435,22 @@ def evaluate_checkpoint(
     rows = [evaluate_generator(k, columns[k], heldout, ref_stats, nfe=nfe[k], resolution=pixel_resolution)
             for k in names]
 
+    # One panel per generator, the same held-out samples in each: classes as rows, grid_per_class
+    # samples as columns (a class with fewer held-out samples gets white cells).
     picked = grid_indices(heldout.labels, grid_per_class, grid_max_classes)
-    tiles = np.stack([columns[k][picked, :3] for k in columns], axis=1)  # [K, columns, C, H, W]
-    width, height = save_grid(tiles.reshape(-1, *tiles.shape[2:]), out_grid_png, nrow=len(columns), scale=grid_scale)
+    classes = sorted(set(heldout.labels[picked].tolist()))
+    slots = [np.flatnonzero(heldout.labels[picked] == c) for c in classes]
+
+    def panel(images: np.ndarray) -> np.ndarray:
+        blank = np.ones_like(images[picked[:1], :3])
+        rows = [[images[picked[i : i + 1], :3] for i in slot] + [blank] * (grid_per_class - len(slot))
+                for slot in slots]
+        return np.concatenate([cell for row in rows for cell in row])
+
+    width, height = save_panels(
+        [(GRID_TITLES.get(k, k), panel(columns[k])) for k in columns], out_grid_png, per_row=grid_per_class,
+        row_labels=[f"class {c}" for c in classes], min_px=grid_min_px,
+    )
 
     metrics = dict(
         format=METRICS_FORMAT,
@@ -447,8 +464,8 @@ def evaluate_checkpoint(
         reference=reference,
         checkpoints=shas,
         grid=dict(
-            path=str(out_grid_png), columns=list(columns), sample_index=picked.tolist(),
-            labels=heldout.labels[picked].tolist(), scale=grid_scale, size=[width, height],
+            path=str(out_grid_png), panels=list(columns), layout="per panel: classes as rows, samples as columns",
+            sample_index=picked.tolist(), labels=heldout.labels[picked].tolist(), size=[width, height],
         ),
     )
     _write_json(out_json, metrics)

@@ -198,7 +198,7 @@ def test_evaluate_checkpoint_writes_metrics_and_grid(setup, tmp_path):
     out_json, out_png = tmp_path / "eval" / "metrics.json", tmp_path / "eval" / "grid.png"
     returned = evaluate.evaluate_checkpoint(
         paths["teacher"], paths["heldout"], paths["images"], out_json, out_png, batch=7,
-        teacher_path=paths["teacher"], initial_path=paths["initial"], grid_scale=4, device="cpu", progress=False,
+        teacher_path=paths["teacher"], initial_path=paths["initial"], device="cpu", progress=False,
     )
     metrics = json.loads(out_json.read_text())
     assert metrics == returned
@@ -228,11 +228,15 @@ def test_evaluate_checkpoint_writes_metrics_and_grid(setup, tmp_path):
     assert metrics["reference"]["num_images"] == 20
 
     grid = metrics["grid"]
-    assert grid["columns"] == list(rows)
+    assert grid["panels"] == list(rows)
     k = len(grid["sample_index"])  # 2 per class present among the 24 held-out labels
     assert k == 2 * len(np.unique(h.labels)) and grid["labels"] == h.labels[grid["sample_index"]].tolist()
+    # 4 panels of (classes x 2) cells, 8 px images upscaled 8x to 64 px, 1 px apart, 12 px between
+    # panels, a title line above and class names ("class N": 7 characters of 6 px) on the left
+    cell, classes = 64 + 1, k // 2
     with Image.open(out_png) as image:
-        assert image.size == tuple(grid["size"]) == (4 * 32 + 5, k * 32 + k + 1)
+        assert image.size == tuple(grid["size"]) == (7 * 6 + 12 + 4 * (2 * cell + 1) + 3 * 12,
+                                                     figures.LABEL_PX + classes * cell + 1)
     assert sorted(p.name for p in out_json.parent.iterdir()) == ["grid.png", "metrics.json"]
 
 
