@@ -18,9 +18,22 @@ FORMAT = "remeanflow-net-v1"
 
 
 def atomic_torch_save(obj, path) -> None:
-    """torch.save through a temporary file and rename, so a killed job never leaves a torn file."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)  # a file object, not a path: torch names zip records after a path
+    """torch.save through a temporary file and rename, so a killed job never leaves a torn file.
+
+    A failed write (e.g. no space left on device) is raised as `fileio.OutputWriteError`, an
+    OSError with the write's errno naming `path` and the free space, not as torch's
+    ``RuntimeError: unexpected pos ...``; no output and no temporary remain.
+    """
+    from .fileio import WriteRecorder, output_write_error
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as raw:
+        f = WriteRecorder(raw)
+        try:
+            torch.save(obj, f)  # a file object, not a path: torch names zip records after a path
+        except Exception:
+            if f.error is not None:  # torch reports a failed write as its own RuntimeError
+                raise output_write_error(path, f.error) from f.error
+            raise
 
 
 def _plain(value):

@@ -21,7 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.download import download
+from .data.download import (
+    DEFAULT_ATTEMPTS,
+    DEFAULT_MAX_SECONDS,
+    DEFAULT_RETRY_WAIT_S,
+    download,
+)
 from .fileio import atomic_path
 
 # Covariances must be symmetric and positive semi-definite up to this much, relative to their
@@ -205,12 +210,14 @@ def check_reference_stats(path, dim: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def fetch_checked(source, dest, check: Callable[[Path], object], *, sha256: str | None = None,
-                  progress: bool = True) -> str:
-    """`data.download.download(source, dest, sha256=...)`, then `check(dest)`; when the check fails,
-    `dest` and its ``.sha256`` sidecar are removed again, so `dest` exists only if it passed.
-    Returns the file's sha256."""
+                  progress: bool = True, attempts: int = DEFAULT_ATTEMPTS,
+                  max_seconds: float = DEFAULT_MAX_SECONDS, retry_wait_s: float = DEFAULT_RETRY_WAIT_S) -> str:
+    """`data.download.download(source, dest, sha256=..., attempts=..., max_seconds=...,
+    retry_wait_s=...)`, then `check(dest)`; when the check fails, `dest` and its ``.sha256``
+    sidecar are removed again, so `dest` exists only if it passed. Returns the file's sha256."""
     dest = Path(dest)
-    digest = download(source, dest, sha256=sha256, progress=progress)
+    digest = download(source, dest, sha256=sha256, progress=progress, attempts=attempts,
+                      max_seconds=max_seconds, retry_wait_s=retry_wait_s)
     try:
         check(dest)
     except BaseException as e:
@@ -222,7 +229,10 @@ def fetch_checked(source, dest, check: Callable[[Path], object], *, sha256: str 
     return digest
 
 
-def fetch_reference_stats(source, dest, dim: int, *, sha256: str | None = None, progress: bool = True) -> str:
+def fetch_reference_stats(source, dest, dim: int, *, sha256: str | None = None, progress: bool = True,
+                          attempts: int = DEFAULT_ATTEMPTS, max_seconds: float = DEFAULT_MAX_SECONDS,
+                          retry_wait_s: float = DEFAULT_RETRY_WAIT_S) -> str:
     """Fetch provided reference statistics (URL, ``file://`` or path) to `dest`, checked by
-    `check_reference_stats`; returns the file's sha256."""
-    return fetch_checked(source, dest, lambda p: check_reference_stats(p, dim), sha256=sha256, progress=progress)
+    `check_reference_stats`; returns the file's sha256. The download bounds are `download`'s."""
+    return fetch_checked(source, dest, lambda p: check_reference_stats(p, dim), sha256=sha256, progress=progress,
+                         attempts=attempts, max_seconds=max_seconds, retry_wait_s=retry_wait_s)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 import tqdm
 
+from .data.download import DEFAULT_ATTEMPTS, DEFAULT_MAX_SECONDS, DEFAULT_RETRY_WAIT_S
 from .fid import fetch_checked
 from .fileio import sha256_file
 
@@ -297,16 +298,19 @@ def _uninitialised() -> InceptionV3:
     return model.to_empty(device="cpu")
 
 
-def fetch_weights(source, dest, sha256: str | None = None, *, progress: bool = True) -> str:
+def fetch_weights(source, dest, sha256: str | None = None, *, progress: bool = True,
+                  attempts: int = DEFAULT_ATTEMPTS, max_seconds: float = DEFAULT_MAX_SECONDS,
+                  retry_wait_s: float = DEFAULT_RETRY_WAIT_S) -> str:
     """Fetch Inception weights (URL, ``file://`` or path) to `dest` and check them: sha256 (or the
     hash in the source's file name), then a strict load. `dest` exists only if all of it passed.
-    Returns the sha256."""
+    Returns the sha256. The download bounds are `data.download.download`'s."""
 
     def check(path: Path) -> None:
         check_sha256(path, sha256, name=_name_of(source))
         load_weights_(_uninitialised(), path)
 
-    return fetch_checked(source, dest, check, sha256=sha256, progress=progress)
+    return fetch_checked(source, dest, check, sha256=sha256, progress=progress, attempts=attempts,
+                         max_seconds=max_seconds, retry_wait_s=retry_wait_s)
 
 
 def load_inception(path_or_url, sha256: str | None = None, *, cache_dir=None, device=None) -> InceptionV3:

@@ -1,15 +1,21 @@
-"""download(): local/file:// copies and HTTP on 127.0.0.1 with dropped connections and resume."""
+"""download(): local/file:// copies and HTTP on 127.0.0.1 with dropped connections and resume;
+bounded attempts and time against hostile servers (ignored Range, stalls, trickles); logged
+retries; disk errors while writing the part."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import logging
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 
+from remeanflow.data import download as download_module
 from remeanflow.data.download import ChecksumError, DownloadError, SourceNotFoundError, download
 
 PAYLOAD = np.random.default_rng(0).bytes(300_000)
@@ -113,22 +119,80 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def server(monkeypatch):
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        pass  # the client hanging up on a stalled or trickling handler is the point of a test
+
+
+class _StallHandler(BaseHTTPRequestHandler):
+    """Honours Range but stalls: before its headers, after 100 bytes, or sends 1 byte per 50 ms.
+
+    Every wait ends when the fixture sets ``release`` (at teardown) or after 30 s, so the
+    handler threads always stop by themselves."""
+
+    def do_GET(self):  # noqa: N802 (http.server naming)
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append(rng)
+        if srv.mode == "before-headers":
+            srv.release.wait(30)
+            return
+        start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1)) if rng else 0
+        self.send_response(206 if rng else 200)
+        if rng:
+            self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+        self.send_header("Content-Length", str(len(PAYLOAD) - start))
+        self.end_headers()
+        body = PAYLOAD[start:]
+        if srv.mode == "after-bytes":
+            self.wfile.write(body[:100])
+            self.wfile.flush()
+            srv.release.wait(30)
+            return
+        for i in range(len(body)):  # trickle: never idle long enough for a socket timeout
+            if srv.release.wait(0.05):
+                return
+            self.wfile.write(body[i : i + 1])
+            self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+def _serve(monkeypatch, handler):
     for var in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(var, raising=False)
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    srv = _QuietServer(("127.0.0.1", 0), handler)
     srv.requests, srv.honour_range, srv.drops_left = [], True, 0
+    srv.mode, srv.release = None, threading.Event()
     thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    yield srv
+    return srv
+
+
+def _stop(srv):
+    srv.release.set()
     srv.shutdown()
     srv.server_close()
 
 
+@pytest.fixture
+def server(monkeypatch):
+    srv = _serve(monkeypatch, _Handler)
+    yield srv
+    _stop(srv)
+
+
+@pytest.fixture
+def stall_server(monkeypatch):
+    srv = _serve(monkeypatch, _StallHandler)
+    yield srv
+    _stop(srv)
+
+
 def _get(server, dest, **kw):
-    kw = dict(progress=False, backoff=0, chunk=16_384, timeout=10) | kw
+    kw = dict(progress=False, retry_wait_s=0, chunk=16_384, timeout=10) | kw
     return download(f"{server.url}/data.bin", dest, **kw)
 
 
@@ -167,8 +231,8 @@ def test_complete_part_needs_no_more_bytes(server, tmp_path):
 def test_giving_up_keeps_the_part_for_a_later_resume(server, tmp_path):
     server.drops_left = 10  # every attempt is cut; each still moves forward
     dest = tmp_path / "data.bin"
-    with pytest.raises(DownloadError, match="truncated"):
-        _get(server, dest, retries=0)
+    with pytest.raises(DownloadError, match="connection dropped"):
+        _get(server, dest, attempts=1)
     assert not dest.exists()
     assert (tmp_path / "data.bin.part").read_bytes() == PAYLOAD[: len(PAYLOAD) // 2]
     server.drops_left = 0
@@ -186,7 +250,7 @@ def test_http_checksum_mismatch_removes_part(server, tmp_path):
 def test_404_is_a_clear_error(server, tmp_path):
     dest = tmp_path / "missing.bin"
     with pytest.raises(SourceNotFoundError, match="404"):
-        download(f"{server.url}/missing.bin", dest, progress=False, backoff=0)
+        download(f"{server.url}/missing.bin", dest, progress=False, retry_wait_s=0)
     assert len(server.requests) == 1, "a 404 is not retried"
     assert _leftovers(dest) == []
 
@@ -195,5 +259,160 @@ def test_unreachable_server_is_retried_then_reported(tmp_path):
     srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
     port = srv.server_address[1]
     srv.server_close()  # nothing listens on this port now
-    with pytest.raises(DownloadError, match="giving up after 2 retries"):
-        download(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False, retries=2, backoff=0)
+    with pytest.raises(DownloadError, match="all 3 attempts failed"):
+        download(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False, attempts=3, retry_wait_s=0)
+    assert list(tmp_path.iterdir()) == [], "an empty part is not kept"
+
+
+# ----------------------------------------------------------------------------------------------
+# Bounded attempts and time, logged retries.
+
+
+def _retry_records(caplog):
+    return [r for r in caplog.records if r.name == download_module.__name__ and r.levelno == logging.WARNING]
+
+
+def test_range_ignoring_cutting_server_fails_after_exactly_attempts(server, tmp_path, caplog):
+    # Every answer is the whole file from byte 0, cut in half: the old code counted each restart
+    # as progress and retried forever.
+    server.honour_range, server.drops_left = False, 10**9
+    dest = tmp_path / "data.bin"
+    caplog.set_level(logging.WARNING, logger=download_module.__name__)
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        _get(server, dest, attempts=4, retry_wait_s=0.01, max_seconds=30)
+    elapsed = time.monotonic() - t0
+    assert len(server.requests) == 4
+    assert server.requests[0] is None and all(r == f"bytes={len(PAYLOAD) // 2}-" for r in server.requests[1:])
+    message = str(err.value)
+    assert f"{server.url}/data.bin" in message
+    assert "all 4 attempts failed" in message and "ignores Range" in message
+    assert "connection dropped" in message
+    assert elapsed < 5
+    # A part from a server that cannot resume is useless: nothing is left.
+    assert _leftovers(dest) == []
+    assert len(_retry_records(caplog)) == 3
+
+
+def test_range_ignoring_server_is_bounded_by_max_seconds(server, tmp_path):
+    server.honour_range, server.drops_left = False, 10**9
+    dest = tmp_path / "data.bin"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError, match=r"max_seconds=1\b") as err:
+        _get(server, dest, attempts=10**6, retry_wait_s=0.02, max_seconds=1.0)
+    assert time.monotonic() - t0 < 1.0 + 1.0
+    assert 2 <= len(server.requests) < 20
+    assert "ignores Range" in str(err.value)
+    assert _leftovers(dest) == []
+
+
+@pytest.mark.parametrize("mode", ["before-headers", "after-bytes", "trickle"])
+def test_stalling_server_is_bounded_by_max_seconds(stall_server, server, tmp_path, mode):
+    stall_server.mode = mode
+    dest = tmp_path / "data.bin"
+    t0 = time.monotonic()
+    with pytest.raises(DownloadError) as err:
+        # the per-operation timeout alone would wait 60 s (and a trickle never trips it)
+        download(f"{stall_server.url}/data.bin", dest, progress=False, timeout=60, attempts=5,
+                 retry_wait_s=0, max_seconds=1.0)
+    elapsed = time.monotonic() - t0
+    assert elapsed < 1.0 + 1.5, elapsed
+    assert "max_seconds=1" in str(err.value) and f"{stall_server.url}/data.bin" in str(err.value)
+    assert len(stall_server.requests) == 1
+    assert not dest.exists()
+    part = tmp_path / "data.bin.part"
+    if mode == "before-headers":
+        assert not part.exists(), "an empty part is not kept"
+    else:  # the server honours Range: the bytes received so far are kept for the next call
+        got = part.read_bytes()
+        assert got and PAYLOAD.startswith(got)
+        assert _get(server, dest, sha256=DIGEST) == DIGEST
+        assert server.requests == [f"bytes={len(got)}-"]
+
+
+def test_dropped_connection_is_resumed_and_the_retry_logged(server, tmp_path, caplog):
+    server.drops_left = 1
+    dest = tmp_path / "data.bin"
+    caplog.set_level(logging.WARNING, logger=download_module.__name__)
+    assert _get(server, dest, sha256=DIGEST, retry_wait_s=0.01) == DIGEST
+    assert server.requests == [None, f"bytes={len(PAYLOAD) // 2}-"]
+    (record,) = _retry_records(caplog)
+    message = record.getMessage()
+    assert f"{server.url}/data.bin" in message and "attempt 1 of 5 failed" in message
+    assert "connection dropped" in message and "retrying in 0.01 s" in message
+
+
+def test_retries_are_logged_with_doubling_capped_waits(tmp_path, monkeypatch, caplog):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = srv.server_address[1]
+    srv.server_close()  # nothing listens on this port now
+    waits = []
+    monkeypatch.setattr(download_module, "_sleep", waits.append)
+    caplog.set_level(logging.WARNING, logger=download_module.__name__)
+    with pytest.raises(DownloadError, match="all 7 attempts failed") as err:
+        download(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False, attempts=7, retry_wait_s=5)
+    assert "refused" in str(err.value).lower()
+    assert waits == [5, 10, 20, 40, 60, 60]
+    records = _retry_records(caplog)
+    assert len(records) == 6
+    for i, (record, wait) in enumerate(zip(records, waits), start=1):
+        message = record.getMessage()
+        assert f"attempt {i} of 7 failed" in message and f"retrying in {wait:g} s" in message
+        assert "refused" in message.lower()
+
+
+def test_no_attempt_starts_whose_wait_would_pass_max_seconds(tmp_path, monkeypatch):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = srv.server_address[1]
+    srv.server_close()
+    waits = []
+    monkeypatch.setattr(download_module, "_sleep", waits.append)
+    with pytest.raises(DownloadError, match="would start after max_seconds=30"):
+        download(f"http://127.0.0.1:{port}/x", tmp_path / "x", progress=False, attempts=10,
+                 retry_wait_s=20, max_seconds=30)
+    assert waits == [20]  # 20 s, then 40 s would end past 30 s
+
+
+def test_deprecated_retries_and_backoff_still_work(server, tmp_path):
+    server.drops_left = 10
+    with pytest.warns(DeprecationWarning, match="attempts"):
+        with pytest.raises(DownloadError, match="all 2 attempts failed"):
+            download(f"{server.url}/data.bin", tmp_path / "d.bin", progress=False, retries=1,
+                     retry_wait_s=0)
+    assert len(server.requests) == 2
+    with pytest.warns(DeprecationWarning, match="retry_wait_s"):
+        server.drops_left = 0
+        assert download(f"{server.url}/data.bin", tmp_path / "d.bin", progress=False, backoff=0) == DIGEST
+
+
+@pytest.mark.parametrize("kw", [dict(attempts=0), dict(max_seconds=0), dict(retry_wait_s=-1)])
+def test_bounds_are_checked(tmp_path, src, kw):
+    with pytest.raises(ValueError, match=next(iter(kw))):
+        download(src, tmp_path / "x", progress=False, **kw)
+
+
+def test_disk_full_while_writing_the_part_is_an_oserror_not_a_retry(server, tmp_path, monkeypatch):
+    real_open = open
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return Full(f) if "b" in mode and ("w" in mode or "a" in mode) else f
+
+    monkeypatch.setattr(download_module, "open", fake_open, raising=False)
+    dest = tmp_path / "data.bin"
+    with pytest.raises(OSError) as err:
+        _get(server, dest)
+    assert err.value.errno == errno.ENOSPC and not isinstance(err.value, DownloadError)
+    assert "data.bin.part" in str(err.value) and "free on" in str(err.value)
+    assert len(server.requests) == 1, "a full disk is not retried"
+    assert _leftovers(dest) == []

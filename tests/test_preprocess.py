@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import tarfile
 
 import numpy as np
@@ -16,6 +17,7 @@ from remeanflow.data.imagenet_tar import ArchiveError, UnsafeArchiveError, iter_
 from remeanflow.data.preprocess import (
     ShardMismatchError,
     StoreFormatError,
+    TooFewImagesError,
     TooManyBadImagesError,
     center_crop_dhariwal,
     load_images,
@@ -387,4 +389,76 @@ def test_shard_arguments_are_checked(archive, tmp_path):
             workers=0,
             progress=False,
         )
+    assert _no_outputs(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Classes without enough images.
+
+
+def _with_empty_class(tmp_path, classes, name="with_empty.tar"):
+    """The four classes plus n01000004, whose class tar holds no image."""
+    classes = dict(classes)
+    classes["n01000004"] = []
+    return _write_nested(tmp_path / name, classes)
+
+
+def test_empty_class_is_an_error_naming_it(tmp_path, classes):
+    path = _with_empty_class(tmp_path, classes)
+    with pytest.raises(TooFewImagesError) as err:
+        preprocess_shard(path, tmp_path / "out.zarr", shard=0, num_shards=1, resolution=RES, workers=0,
+                         progress=False)
+    message = str(err.value)
+    assert "with_empty.tar" in message and "n01000004 (class 4): 0 images" in message
+    assert "min_images_per_class=1" in message
+    assert "n01000003" not in message
+    assert _no_outputs(tmp_path)
+
+
+def test_empty_class_is_accepted_with_a_warning_when_allowed(tmp_path, classes, caplog):
+    path = _with_empty_class(tmp_path, classes)
+    caplog.set_level(logging.WARNING, logger="remeanflow.data.preprocess")
+    out = tmp_path / "out.zarr"
+    report = preprocess_shard(path, out, shard=0, num_shards=1, resolution=RES, workers=0, progress=False,
+                              min_images_per_class=0)
+    assert report["class_counts"]["n01000004"] == 0 and report["num_images"] == NUM_CLASSES * PER_CLASS
+    assert any("n01000004" in r.getMessage() and "min_images_per_class=0" in r.getMessage()
+               for r in caplog.records)
+    # the merge checks the counts again: parts accepted with 0 are refused by a merge with 1
+    merged, csv_path = tmp_path / "images.zarr", tmp_path / "labels.csv"
+    with pytest.raises(TooFewImagesError, match=r"n01000004 \(class 4\): 0 images"):
+        merge_shards([out], merged, csv_path, progress=False)
+    assert not merged.exists() and not csv_path.exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    report = merge_shards([out], merged, csv_path, progress=False, min_images_per_class=0)
+    assert report["class_counts"]["n01000004"] == 0 and len(report["synsets"]) == 5
+
+
+def test_class_whose_images_are_all_undecodable_is_an_error(tmp_path, classes):
+    classes = dict(classes)
+    classes["n01000001"] = [("n01000001_0.JPEG", b"not an image"), ("n01000001_1.JPEG", b"nor this")]
+    path = _write_nested(tmp_path / "bad_class.tar", classes)
+    with pytest.raises(TooFewImagesError, match=r"n01000001 \(class 1\): 0 images, 2 undecodable"):
+        preprocess_shard(path, tmp_path / "out.zarr", shard=0, num_shards=1, resolution=RES, workers=0,
+                         progress=False, max_bad_fraction=1.0)
+    assert _no_outputs(tmp_path)
+
+
+def test_min_images_per_class_above_one(archive, tmp_path):
+    kw = dict(shard=1, num_shards=2, resolution=RES, workers=0, progress=False)
+    report = preprocess_shard(archive, tmp_path / "ok.zarr", min_images_per_class=PER_CLASS, **kw)
+    assert report["class_counts"] == {"n01000002": PER_CLASS, "n01000003": PER_CLASS}
+    with pytest.raises(TooFewImagesError) as err:
+        preprocess_shard(archive, tmp_path / "no.zarr", min_images_per_class=PER_CLASS + 1, **kw)
+    message = str(err.value)
+    assert "2 class(es)" in message and "n01000002 (class 2): 10 images" in message
+    assert "n01000003 (class 3): 10 images" in message
+    assert not (tmp_path / "no.zarr").exists()
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, True])
+def test_min_images_per_class_is_checked_before_any_work(archive, tmp_path, bad):
+    with pytest.raises((ValueError, TypeError), match="min_images_per_class"):
+        preprocess_shard(archive, tmp_path / "o.zarr", shard=0, num_shards=1, resolution=RES, workers=0,
+                         progress=False, min_images_per_class=bad)
     assert _no_outputs(tmp_path)

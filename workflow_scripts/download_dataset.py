@@ -14,4 +14,4 @@ with step(smk) as s:
     if not source:
         raise ValueError("config key dataset.source must be set when dataset.toy is null")
     s.extra["source"] = source
-    s.extra["sha256"] = download(source, smk.output.archive, sha256=dataset.sha256)
+    s.extra["sha256"] = download(source, smk.output.archive, sha256=dataset.sha256, **s.settings.download.to_dict())

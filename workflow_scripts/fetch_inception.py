@@ -6,5 +6,6 @@ from remeanflow.workflow import step
 smk = snakemake  # noqa: F821
 with step(smk) as s:
     inception = s.settings.evaluate.inception
-    s.extra["sha256"] = fetch_weights(inception.weights, smk.output[0], inception.sha256)
+    s.extra["sha256"] = fetch_weights(inception.weights, smk.output[0], inception.sha256,
+                                     **s.settings.download.to_dict())
     s.extra["source"] = inception.weights

@@ -12,7 +12,7 @@ with step(smk) as s:
         if not source:
             raise ValueError(f"config key teacher.fetch.{role} must name an EDM2 pickle (URL or path)")
         pkl = smk.output[f"{role}_pkl"]
-        digest = download(source, pkl, sha256=sha256)
+        digest = download(source, pkl, sha256=sha256, **s.settings.download.to_dict())
         loaded = load_edm2_pickle(pkl)
         save_net(smk.output[role], loaded["net"], encoder=loaded["encoder"],
                  meta={"role": role, "source": source, "source_sha256": digest})

@@ -11,7 +11,7 @@ with step(smk) as s:
     if ev.ref_stats.source is not None:
         s.extra["provided"] = ev.ref_stats.source
         s.extra["sha256"] = fid.fetch_reference_stats(ev.ref_stats.source, smk.output[0], inception.FEATURE_DIM,
-                                                      sha256=ev.ref_stats.sha256)
+                                                      sha256=ev.ref_stats.sha256, **s.settings.download.to_dict())
     else:
         weights = list(smk.input.weights)
         if not weights:

@@ -5,4 +5,5 @@ from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821
 with step(smk) as s:
-    s.extra["report"] = merge_shards(list(smk.input.parts), smk.output.images, smk.output.labels)
+    s.extra["report"] = merge_shards(list(smk.input.parts), smk.output.images, smk.output.labels,
+                                     min_images_per_class=s.settings.dataset.min_images_per_class)

@@ -10,6 +10,7 @@ def main(smk) -> None:
         s.extra["report"] = preprocess_shard(
             smk.input.archive, smk.output[0], shard=int(smk.wildcards.shard), num_shards=dataset.preprocess_shards,
             resolution=dataset.resolution, workers=dataset.decode_workers, max_bad_fraction=dataset.max_bad_fraction,
+            min_images_per_class=dataset.min_images_per_class,
         )
 
 

@@ -18,12 +18,18 @@ Store format (shard and merged stores alike; ``attrs["format"] == FORMAT``)::
 
 Images are ordered by class index, then by archive order within a class, so the merged store is
 the same whatever the number of shards.
+
+A class with fewer than ``min_images_per_class`` decodable images (default 1: an empty class tar,
+or one whose images are all undecodable) is a ``TooFewImagesError`` naming the class and its
+counts; ``min_images_per_class=0`` accepts such classes with a logged warning. Each class lies in
+exactly one shard, so ``preprocess_shard`` sees complete counts; ``merge_shards`` checks again.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 import multiprocessing
 import time
 from collections import deque
@@ -44,6 +50,7 @@ from remeanflow.data.imagenet_tar import iter_images, list_synsets
 __all__ = [
     "FORMAT",
     "TooManyBadImagesError",
+    "TooFewImagesError",
     "ShardMismatchError",
     "StoreFormatError",
     "center_crop_dhariwal",
@@ -53,6 +60,8 @@ __all__ = [
     "load_images",
     "shard_class_range",
 ]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "remeanflow-images-v1"
 _CHUNK_BYTES = 16 << 20  # ~16 MiB image chunks: whole-chunk reads stay efficient, RAM stays small
@@ -68,6 +77,10 @@ _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.Decompressio
 
 class TooManyBadImagesError(Exception):
     """More than ``max_bad_fraction`` of a shard's images could not be decoded."""
+
+
+class TooFewImagesError(ValueError):
+    """A class has fewer decodable images than ``min_images_per_class``."""
 
 
 class ShardMismatchError(ValueError):
@@ -271,6 +284,51 @@ def _bad_fraction_check(tally: _ShardTally, archive: Path, max_bad_fraction: flo
         )
 
 
+def _check_min_images(
+    class_counts: dict[str, int],
+    label_of: dict[str, int],
+    min_images_per_class: int,
+    where: str,
+    bad: Sequence[dict] = (),
+) -> None:
+    """Raise ``TooFewImagesError`` naming every class of ``label_of`` (synset -> class index)
+    with fewer than ``min_images_per_class`` images; with 0, log a warning for empty classes."""
+    if isinstance(min_images_per_class, bool) or not isinstance(min_images_per_class, int):
+        raise TypeError(f"min_images_per_class must be an int, got {min_images_per_class!r}")
+    if min_images_per_class < 0:
+        raise ValueError(f"min_images_per_class must be >= 0, got {min_images_per_class}")
+    synsets = sorted(label_of, key=label_of.get)
+    nbad: dict[str, int] = {}
+    for b in bad:
+        nbad[b["synset"]] = nbad.get(b["synset"], 0) + 1
+    counts = {s: class_counts.get(s, 0) for s in synsets}
+
+    def describe(names: list[str]) -> str:
+        shown = [
+            f"{s} (class {label_of[s]}): {counts[s]} images" + (f", {nbad[s]} undecodable" if s in nbad else "")
+            for s in names[:_REPORTED_BAD_NAMES]
+        ]
+        more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+        return "; ".join(shown) + more
+
+    if min_images_per_class == 0:
+        empty = [s for s in synsets if counts[s] == 0]
+        if empty:
+            log.warning(
+                "%s: %d class(es) without any decodable image, kept as empty classes "
+                "(min_images_per_class=0): %s", where, len(empty), describe(empty)
+            )
+        return
+    few = [s for s in synsets if counts[s] < min_images_per_class]
+    if few:
+        raise TooFewImagesError(
+            f"{where}: {len(few)} class(es) with fewer than min_images_per_class="
+            f"{min_images_per_class} decodable images: {describe(few)}. A class without data "
+            "would still get a class index; fix the archive, or set "
+            "dataset.min_images_per_class (0 accepts empty classes)"
+        )
+
+
 def _consume(
     decoded: Iterator[tuple[list[tuple[str, str]], list[np.ndarray | str]]],
     tally: _ShardTally,
@@ -312,15 +370,20 @@ def preprocess_shard(
     max_bad_fraction: float = 0.01,
     progress: bool = True,
     chunk_images: int | None = None,
+    min_images_per_class: int = 1,
 ) -> dict:
     """Decode and crop the classes of shard ``shard`` of ``archive`` into a Zarr store.
 
     Undecodable images are skipped, counted and listed; if more than ``max_bad_fraction`` of the
-    shard's images are bad, ``TooManyBadImagesError`` is raised and no store is written.
+    shard's images are bad, ``TooManyBadImagesError`` is raised and no store is written. A class
+    with fewer than ``min_images_per_class`` decodable images raises ``TooFewImagesError``
+    (naming the synset, its class index and its counts) and no store is written; 0 accepts empty
+    classes with a logged warning.
     ``workers`` decoding processes (<= 1: decode in this process). ``chunk_images`` defaults to
     min(256, ~16 MiB worth). Returns the store's attributes plus ``out_store`` and ``seconds``.
     """
     start = time.monotonic()
+    _check_min_images({}, {}, min_images_per_class, "")  # argument check before any work
     archive = Path(archive)
     synsets = list_synsets(archive)
     lo, hi = shard_class_range(len(synsets), shard, num_shards)
@@ -337,6 +400,7 @@ def preprocess_shard(
             _consume(_decoded_batches(items, resolution, workers), tally, appender, label_of, bar)
         appender.close()
         _bad_fraction_check(tally, archive, max_bad_fraction)
+        _check_min_images(tally.class_counts, label_of, min_images_per_class, str(archive), tally.bad)
         _write_index_arrays(group, np.asarray(tally.labels, dtype=np.int32), tally.members)
         attrs = {
             "format": FORMAT,
@@ -447,12 +511,23 @@ def _write_labels_csv(
             writer.writerow([i, label, synsets[label], member])
 
 
-def merge_shards(part_stores: Sequence, out_store, labels_csv, *, progress: bool = True) -> dict:
+def merge_shards(
+    part_stores: Sequence,
+    out_store,
+    labels_csv,
+    *,
+    progress: bool = True,
+    min_images_per_class: int = 1,
+) -> dict:
     """Concatenate shard stores (given in shard order) into one store plus ``labels.csv``.
 
     Raises ``ShardMismatchError`` unless the parts share resolution, synset list and archive size
-    and their class ranges are disjoint, contiguous and cover every class.
+    and their class ranges are disjoint, contiguous and cover every class. Raises
+    ``TooFewImagesError`` when a class has fewer than ``min_images_per_class`` images in all
+    (counted from the labels; parts written with a lower bound are caught here). Nothing is
+    written on error.
     """
+    _check_min_images({}, {}, min_images_per_class, "")
     if not part_stores:
         raise ValueError("merge_shards needs at least one part store")
     paths = [Path(p) for p in part_stores]
@@ -464,6 +539,20 @@ def merge_shards(part_stores: Sequence, out_store, labels_csv, *, progress: bool
     members = np.concatenate([g["members"][:].astype(object) for g in groups])
     bad = [b for g in groups for b in g.attrs["bad_members"]]
     class_counts = {s: c for g in groups for s, c in g.attrs["class_counts"].items()}
+    # the labels are what a class index gets: count them, not the parts' own bookkeeping
+    per_label = np.bincount(labels, minlength=len(synsets))
+    counted = {s: int(per_label[i]) for i, s in enumerate(synsets)}
+    if disagree := sorted(s for s in set(class_counts) | set(counted) if class_counts.get(s) != counted.get(s)):
+        raise StoreFormatError(
+            f"class_counts of the parts disagree with their labels for {disagree[:10]}"
+        )
+    _check_min_images(
+        counted,
+        {s: i for i, s in enumerate(synsets)},
+        min_images_per_class,
+        "merge of " + ", ".join(str(p) for p in paths[:3]) + (" ..." if len(paths) > 3 else ""),
+        bad,
+    )
     chunk = groups[0]["images"].chunks[0]
     with fileio.atomic_path(out_store) as tmp_store, fileio.atomic_path(labels_csv) as tmp_csv:
         group, appender = _create_store(tmp_store, first["resolution"], chunk)
