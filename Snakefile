@@ -14,6 +14,7 @@ include: "rules/couplings.smk"
 include: "rules/training.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
+include: "rules/samples.smk"
 
 
 # Bookkeeping rules run where Snakemake runs (no cluster job for seconds of work).

@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from . import config, provenance, settings, status
+from . import config, generate, provenance, settings, status
 
 PROVENANCE_EXIT_CODES = """exit codes: 0 = everything verified (or lineage printed without --verify);
 1 = something changed or is missing (each listed), or a sidecar in the lineage is unreadable;
@@ -80,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the settings classes")
     p.set_defaults(func=_schema)
     status.add_parser(sub)
+    generate.add_sample_parser(sub)
+    generate.add_export_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
