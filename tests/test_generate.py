@@ -151,6 +151,9 @@ def test_export_round_trip_is_bit_exact_and_samples_the_same(net_path, tmp_path)
     out = tmp_path / "export"
     card = generate.export(net_path, out)
     assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    import remeanflow
+
+    assert remeanflow.load_generator is generate.load_generator  # the package-level entry point
     assert json.loads((out / "model.json").read_text()) == card
     source = checkpoints.load_net(net_path)
     assert card["format"] == generate.FORMAT and card["format_version"] == generate.FORMAT_VERSION
