@@ -3,8 +3,11 @@ index, written into a resumable Zarr shard (`docs/method.md`, couplings; `docs/a
 
 The job works in a scratch store that Snakemake does not own (`work`), so a killed job keeps its
 finished chunks; once every chunk is marked and verified, the store is moved onto the rule's
-output. With `processes > 1` it relaunches itself under `accelerate launch`, one process per GPU;
-ranks split the shard's chunks round-robin and never write the same Zarr chunk.
+output. Before resuming, every finished chunk of the work store is checked against its recorded
+digests and the ones that fail are regenerated (`couplings.unmark_corrupt_chunks`): moving a
+published shard with corrupt chunks back to the work path and rerunning regenerates just those.
+With `processes > 1` it relaunches itself under `accelerate launch`, one process per GPU; ranks
+split the shard's chunks round-robin and never write the same Zarr chunk.
 
 Speed options (config `couplings.precision`, `couplings.fast_path`) go through `accel`: the
 precision names autocast ("auto" = bf16 on CUDA, fp32 on the CPU) and the fast path runs the
@@ -123,6 +126,10 @@ def run_shard(spec: dict) -> dict:
             shape=spec["shape"], noise_dtype=c.noise_dtype, endpoint_dtype=c.endpoint_dtype,
             seed=spec["seed"], fingerprint=fingerprint(spec["teacher"], spec["guide"], c, spec["seed"], device),
         )
+        bad = couplings.unmark_corrupt_chunks(work, index_store=spec["index"])
+        if bad:
+            log.warning("shard %s: %d finished chunk(s) failed their digests and will be regenerated: %s",
+                        spec["shard"], len(bad), bad)
     barrier()
     net = checkpoints.load_net(spec["teacher"])["net"].to(device)
     guide = checkpoints.load_net(spec["guide"])["net"].to(device) if c.guidance != 1 else None

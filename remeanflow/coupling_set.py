@@ -6,15 +6,20 @@ its path (relative to the manifest), range, count, chunk count and store checksu
 (`couplings.store_checksum`); the shape, dtypes, seed, chunk and class count shared by all shards;
 the fingerprint of the teacher/config that made them and its hash; the index hash; the truncation;
 distance statistics with a histogram. `merge_shards` writes it atomically, after verifying every
-shard (`couplings.scan_shard`) and checking that the shards agree and tile the index exactly.
+shard (`couplings.scan_shard`: every chunk against its recorded digests, ids, labels, finite values)
+and checking that the shards agree and tile the index exactly.
 
 Truncation (`docs/method.md`, distance truncation): the threshold is computed once, at merge, over
 the distances `couplings.coupling_distance` of all couplings (a quantile, or a fixed value), and
 training keeps the couplings with distance <= threshold.
 
 Reading for training: `open_couplings` returns a `CouplingReader`, which checks each shard against
-the manifest (attributes only) and reads whole generation chunks (`ChunkRef`), adding each
-sample's distance and keep flag.
+the manifest (attributes only), loads each shard's chunk digests (the ``digest`` array,
+`couplings` module docstring) and reads whole generation chunks (`ChunkRef`), checking every chunk
+it reads against its digests and adding each sample's distance and keep flag. A changed, missing
+or unreadable chunk raises `couplings.CorruptChunkError` (shard, chunk, array, what to do): bad
+couplings never reach training. The merge verifies every chunk the same way (`couplings.scan_shard`).
+A shard written before chunk digests is refused (`couplings.PreDigestShardError`).
 
 The truncation threshold comes from `meanflow`; the shard store layer (`couplings`) does not
 import this module, so the shard job's code version does not depend on it.
@@ -36,13 +41,17 @@ from .couplings import (
     DATA_ARRAYS,
     CouplingStoreError,
     FingerprintMismatchError,
+    chunk_arrays,
     coupling_distance,
     fingerprint_hash,
     open_shard,
     read_array,
+    read_checked_chunk,
+    read_digests,
     read_shard_attrs,
     scan_shard,
     store_checksum,
+    store_digest,
 )
 from .fileio import atomic_path
 from .meanflow import truncation_mask, truncation_threshold
@@ -191,10 +200,14 @@ class ChunkRef:
 
 
 class CouplingReader:
-    """Whole-chunk access to a merged coupling set described by a manifest."""
+    """Whole-chunk access to a merged coupling set described by a manifest.
 
-    def __init__(self, manifest_path):
+    verify (default True): check every chunk read against the digests recorded when it was
+    written (`couplings.read_checked_chunk`); False only to measure what the check costs."""
+
+    def __init__(self, manifest_path, *, verify: bool = True):
         self.manifest_path = Path(manifest_path)
+        self.verify = bool(verify)
         try:
             self.manifest = json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -203,19 +216,23 @@ class CouplingReader:
             raise CouplingStoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
         base = self.manifest_path.parent
         self.shard_paths = [base / s["path"] for s in self.manifest["shards"]]
-        groups = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
-        self._arrays = [{name: g[name] for name in DATA_ARRAYS} for g in groups]
+        opened = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
+        self._arrays = [chunk_arrays(p, g) for p, (g, _) in zip(self.shard_paths, opened)]
+        self._algorithms = [store_digest(attrs) for _, attrs in opened]
+        # [num_chunks, len(DATA_ARRAYS)] per shard: a few bytes per chunk, read once
+        self._digests = [read_digests(p, a["digest"]) if self.verify else None
+                         for p, a in zip(self.shard_paths, self._arrays)]
         self.chunks = [ref for k in range(len(self.shard_paths)) for ref in self._shard_chunks(k)]
         self.threshold: float | None = self.manifest["truncation"]["threshold"]
 
-    def _open_checked(self, path: Path, entry: dict[str, Any]) -> zarr.Group:
+    def _open_checked(self, path: Path, entry: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
         """Open a shard and check it is the one the manifest lists (cheap: attributes only)."""
         group, attrs = open_shard(path)
         if attrs["fingerprint_hash"] != self.manifest["fingerprint_hash"] or attrs["index_hash"] != self.manifest["index_hash"]:
             raise FingerprintMismatchError(f"{path}: fingerprint/index differ from manifest {self.manifest_path}")
         if attrs["range"] != entry["range"]:
             raise CouplingStoreError(f"{path}: range {attrs['range']} but manifest {self.manifest_path} says {entry['range']}")
-        return group
+        return group, attrs
 
     def _shard_chunks(self, k: int) -> list[ChunkRef]:
         entry, chunk = self.manifest["shards"][k], self.manifest["chunk"]
@@ -236,10 +253,17 @@ class CouplingReader:
         return self.manifest["fingerprint"]
 
     def read_chunk(self, i: int) -> dict[str, np.ndarray]:
-        """Chunk i as numpy: noise, endpoint, label, sample_id, plus distance and keep (truncation)."""
+        """Chunk i as numpy: noise, endpoint, label, sample_id, plus distance and keep (truncation).
+
+        With `verify`, CorruptChunkError if the chunk no longer matches the digests recorded when
+        it was written (changed bytes, a missing or unreadable chunk file)."""
         ref = self.chunks[i]
         arrays = self._arrays[ref.shard]
-        out = {name: read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in DATA_ARRAYS}
+        if self.verify:
+            out = read_checked_chunk(ref.path, arrays, ref.chunk, ref.lo, ref.hi, self._digests[ref.shard][ref.chunk],
+                                     self._algorithms[ref.shard])
+        else:
+            out = {name: read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in DATA_ARRAYS}
         out["distance"] = coupling_distance(out["noise"], out["endpoint"])
         out["keep"] = np.ones(len(out["label"]), bool) if self.threshold is None else out["distance"] <= self.threshold
         return out
@@ -259,6 +283,6 @@ class CouplingReader:
                 raise CouplingStoreError(f"{path}: checksum differs from manifest {self.manifest_path}: store modified")
 
 
-def open_couplings(manifest_path) -> CouplingReader:
+def open_couplings(manifest_path, *, verify: bool = True) -> CouplingReader:
     """Open a merged coupling set for reading (see CouplingReader)."""
-    return CouplingReader(manifest_path)
+    return CouplingReader(manifest_path, verify=verify)

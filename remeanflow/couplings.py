@@ -10,6 +10,7 @@ sampler -- are the same whatever the number of shards. Each shard is its own Zar
     endpoint  [N, *shape]  float16|float32   teacher ODE endpoint x
     label     [N]          int32             class, copied from the index at creation
     sample_id [N]          int64             global id (= index position) that seeds n
+    digest    [num_chunks, 4] uint64, chunk (1, 4)  digest[i, k]: digest of chunk i of DATA_ARRAYS[k]
     done      [num_chunks] bool, chunk 1     completion mask: done[i] <=> chunk i is complete
 
 ``noise``/``endpoint``/``label``/``sample_id`` use one Zarr chunk per generation batch along N and
@@ -22,6 +23,24 @@ its own 1-byte object, written by Zarr's LocalStore through a temporary file and
 ranks never share a mask object and a mask entry is either absent (False) or fully written; and
 the whole mask reads back with one ``done[...]``. A chunk is marked only after its data arrays
 are written, so a process killed mid-chunk leaves it unmarked and a rerun regenerates it.
+
+Chunk digests. When chunk i is generated, ``digest[i]`` receives the digest of the little-endian
+bytes of chunk i of noise, endpoint, label and sample_id, exactly as they are written, before
+``done[i]`` is set. The algorithm is recorded in the attributes (``digest``): CRC-32
+(`zlib.crc32`, standard library, about 7 GB/s here) by default, or XXH3-64 (``xxh3_64``, needs
+the `xxhash` package, about 30 GB/s) when the store is created with ``digest="xxh3_64"``; a store
+is verified with the algorithm it records. Like ``done``, ``digest`` has one Zarr chunk per entry,
+so each rank writes only the entries of its own chunks. Every read that feeds training or the merge
+(`read_checked_chunk`: `scan_shard`, hence `verify_shard` and `coupling_set.merge_shards`, and
+`coupling_set.CouplingReader.read_chunk`) recomputes the digests of what it read and raises
+`CorruptChunkError` on a mismatch -- naming the shard, the chunk, the array and, when the chunk
+file is gone (Zarr would silently return fill values, which cannot match the digest of real
+data), the missing file -- so corrupt or lost couplings are an error, never training data.
+The digests depend only on the chunk's contents, so they are the same whatever the number of
+shards or writer processes. A store that predates digests (format ``remeanflow.couplings.shard/1``)
+is refused with `PreDigestShardError`: its data cannot be verified, so it must be regenerated.
+Repair: `unmark_corrupt_chunks` (called by the couplings job before it resumes a store) unmarks the
+marked chunks that fail their digest, so `generate_shard` regenerates only those.
 
 ``label`` and ``sample_id`` are written once when the store is created (the whole store is built
 in a temporary directory and renamed into place), so they can never be torn; generation reads the
@@ -41,7 +60,8 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Sequence
+import zlib
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +71,18 @@ import zarr
 from tqdm import tqdm
 
 from .fileio import json_sha256, tree_checksum
-from .misc import require_int
+from .misc import require_int, shard_range
 from .reflow_index import ReflowIndex, load_index
 from .sampling import per_sample_noise
 
-SHARD_FORMAT = "remeanflow.couplings.shard/1"
+SHARD_FORMAT = "remeanflow.couplings.shard/2"
+# Stores written before chunk digests: the same layout without `digest`; refused (PreDigestShardError).
+PRE_DIGEST_FORMATS = ("remeanflow.couplings.shard/1",)
 DTYPES = ("float16", "float32")
 DATA_ARRAYS = ("noise", "endpoint", "label", "sample_id")
+# Chunk digest algorithms (module docstring, chunk digests); the one a store uses is in its attributes.
+DIGEST_ALGORITHMS = ("zlib.crc32", "xxh3_64")
+DEFAULT_DIGEST = "xxh3_64"
 # Zarr's LocalStore writes through "<name>.<uuid>.partial" temporaries; a killed writer can leave one.
 _PARTIAL_SUFFIX = ".partial"
 # Most ids / chunk numbers an error message lists before it abbreviates.
@@ -86,6 +111,64 @@ class NonFiniteEndpointError(CouplingStoreError):
     """The sampler returned NaN/inf endpoints; the chunk was neither stored nor marked."""
 
 
+class PreDigestShardError(CouplingStoreError):
+    """A shard written before chunk digests existed: its data cannot be verified; regenerate it."""
+
+    def __init__(self, path, found: str):
+        self.path = str(path)
+        if work_store_for(path) is not None:  # a published shard of the workflow
+            todo = (f"Regenerate it: rerun the workflow with `--forcerun {path}` (the couplings_shard job "
+                    "regenerates it; the couplings come out bit-identical).")
+        else:
+            todo = f"Delete {path} and generate it again (the couplings come out bit-identical)."
+        super().__init__(
+            f"{path}: coupling shard in format {found!r}, written before chunk digests "
+            f"({SHARD_FORMAT!r}): its chunks cannot be verified, so it is not used. {todo}"
+        )
+
+
+class CorruptChunkError(CouplingStoreError):
+    """Marked chunks of a shard whose stored data no longer match the digests recorded when they
+    were written (changed bytes, a missing or unreadable chunk file). `chunks` lists them and
+    `problems[i]` maps each bad array of chunk i to what is wrong with it."""
+
+    def __init__(self, path, problems: Mapping[int, Mapping[str, str]]):
+        self.path = str(path)
+        self.chunks = sorted(int(i) for i in problems)
+        self.problems = {int(i): dict(p) for i, p in problems.items()}
+        details = "; ".join(
+            f"chunk {i}: " + ", ".join(f"{name} {what}" for name, what in self.problems[i].items())
+            for i in self.chunks[:_MAX_LISTED]
+        )
+        super().__init__(
+            f"{path}: corrupt coupling chunk(s) {_abbrev(self.chunks)}: {details}. {regenerate_advice(path)}"
+        )
+
+
+def work_store_for(path) -> Path | None:
+    """The couplings job's work store for the shard at `path` (`reflow/couplings/<name>` ->
+    `reflow/work/<name>`, the rule's `work` path), or None when `path` is not laid out that way."""
+    path = Path(path)
+    if path.parent.name == "couplings" and path.parent.parent.name == "reflow":
+        return path.parent.parent / "work" / path.name
+    return None
+
+
+def regenerate_advice(path) -> str:
+    """What to do about a shard with corrupt chunks (the end of every CorruptChunkError).
+
+    Deleting a published shard is not enough: Snakemake does not rerun a job whose output is gone
+    when the outputs downstream of it still exist, so the advice is `--forcerun <shard>`."""
+    work = work_store_for(path)
+    if work is None:  # not a published shard of the workflow (a work store, or library use)
+        return ("The shard must be regenerated: `couplings.unmark_corrupt_chunks` on it, then "
+                "`couplings.generate_shard`, regenerates only the bad chunk(s).")
+    return (f"The shard must be regenerated: rerun the workflow with `--forcerun {path}` (the couplings_shard "
+            "job regenerates it; the merge and everything after it rerun). To regenerate only the bad "
+            f"chunk(s), first move {path} to {work}: the job then re-verifies every finished chunk there and "
+            "regenerates only those that fail.")
+
+
 def _abbrev(items: Sequence[Any]) -> str:
     """Short list rendering for error messages."""
     items = list(items)
@@ -105,24 +188,6 @@ def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Shard geometry
-
-
-def shard_range(num_samples: int, shard: int, num_shards: int, chunk: int) -> tuple[int, int]:
-    """[start, stop) of `shard` out of `num_shards`: whole generation chunks, split as evenly as possible.
-
-    Every boundary is a multiple of `chunk` except the final stop (= `num_samples`).
-    """
-    for name, value in (("num_samples", num_samples), ("num_shards", num_shards), ("chunk", chunk)):
-        require_int(name, value, 1)
-    require_int("shard", shard, 0, num_shards)
-    num_chunks = -(-num_samples // chunk)
-    if num_shards > num_chunks:
-        raise ValueError(
-            f"{num_shards} shards for {num_chunks} chunks of {chunk} ({num_samples} samples): "
-            "every shard needs at least one chunk; use fewer shards or a smaller chunk"
-        )
-    first, last = shard * num_chunks // num_shards, (shard + 1) * num_chunks // num_shards
-    return first * chunk, min(last * chunk, num_samples)
 
 
 def _chunk_bounds(attrs: dict[str, Any], i: int) -> tuple[int, int]:
@@ -147,16 +212,18 @@ def create_shard_store(
     endpoint_dtype: str = "float32",
     seed: int,
     fingerprint: dict[str, Any],
+    digest: str = DEFAULT_DIGEST,
 ) -> None:
     """Create the (empty) store for one shard, or reuse it if it exists with identical attributes.
 
     Raises FingerprintMismatchError if a store exists at `path` with different attributes (a
     different teacher, sampler, seed, index or geometry): it is never overwritten. Safe to call
     from several processes at once: the store is built aside and renamed without clobbering.
+    `digest` names the chunk digest algorithm (`DIGEST_ALGORITHMS`).
     """
     path = Path(path)
     index = load_index(index_store)
-    attrs = _shard_attrs(index, shard, num_shards, chunk, shape, noise_dtype, endpoint_dtype, seed, fingerprint)
+    attrs = _shard_attrs(index, shard, num_shards, chunk, shape, noise_dtype, endpoint_dtype, seed, fingerprint, digest)
     if path.exists():
         _check_existing(path, attrs)
         return
@@ -176,7 +243,7 @@ def create_shard_store(
 
 
 def _shard_attrs(
-    index: ReflowIndex, shard, num_shards, chunk, shape, noise_dtype, endpoint_dtype, seed, fingerprint
+    index: ReflowIndex, shard, num_shards, chunk, shape, noise_dtype, endpoint_dtype, seed, fingerprint, digest
 ) -> dict[str, Any]:
     """Validated attributes of a new shard store (JSON-normalised, as read back from Zarr)."""
     shape = tuple(shape)
@@ -188,6 +255,9 @@ def _shard_attrs(
         if value not in DTYPES:
             raise ValueError(f"{name} must be one of {DTYPES}, got {value!r}")
     require_int("seed", seed, 0)
+    if digest not in DIGEST_ALGORITHMS:
+        raise ValueError(f"digest must be one of {DIGEST_ALGORITHMS}, got {digest!r}")
+    digest_fn(digest)  # an algorithm this machine cannot compute is refused before anything is written
     if not isinstance(fingerprint, dict):
         raise TypeError(f"fingerprint must be a dict, got {type(fingerprint).__name__}")
     try:
@@ -203,6 +273,7 @@ def _shard_attrs(
         "index_hash": index.index_hash, "num_classes": index.num_classes,
         "label_sha256": _labels_sha256(index.labels[start:stop]),
         "fingerprint": fingerprint, "fingerprint_hash": fp_hash,
+        "digest": {"algorithm": digest, "of": "little-endian bytes of chunk i", "arrays": list(DATA_ARRAYS)},
     }
     return json.loads(json.dumps(attrs))  # tuples -> lists, exactly as Zarr will return them
 
@@ -216,6 +287,9 @@ def _write_empty_shard(tmp: Path, attrs: dict[str, Any], labels: np.ndarray, sam
                            compressors=None, fill_value=0)
     group.create_array("label", shape=(n,), chunks=(chunk,), dtype="int32")[...] = labels
     group.create_array("sample_id", shape=(n,), chunks=(chunk,), dtype="int64")[...] = sample_ids
+    # one object per entry, like `done`: each rank writes the digests of its own chunks only
+    group.create_array("digest", shape=(attrs["num_chunks"], len(DATA_ARRAYS)), chunks=(1, len(DATA_ARRAYS)),
+                       dtype="uint64", compressors=None, fill_value=0)
     group.create_array("done", shape=(attrs["num_chunks"],), chunks=(1,), dtype="bool",
                        compressors=None, fill_value=False)
 
@@ -237,6 +311,8 @@ def read_shard_attrs(path: Path) -> dict[str, Any]:
         attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
     except (OSError, ValueError, KeyError) as e:
         raise CouplingStoreError(f"{path}: not a readable Zarr v3 coupling shard ({type(e).__name__}: {e})") from e
+    if attrs.get("format") in PRE_DIGEST_FORMATS:
+        raise PreDigestShardError(path, attrs["format"])
     if attrs.get("format") != SHARD_FORMAT:
         raise CouplingStoreError(f"{path}: not a coupling shard (format={attrs.get('format')!r}, expected {SHARD_FORMAT!r})")
     return attrs
@@ -252,6 +328,107 @@ def completion_mask(path) -> np.ndarray:
     """Bool vector: which chunks of the shard at `path` are marked complete."""
     group, _ = open_shard(path)
     return group["done"][...]
+
+
+def chunk_arrays(path, group: zarr.Group) -> dict[str, zarr.Array]:
+    """The data arrays and the `digest` array of an open shard (CouplingStoreError if one is gone)."""
+    arrays = {}
+    for name in (*DATA_ARRAYS, "digest"):
+        try:
+            arrays[name] = group[name]
+        except KeyError as e:
+            raise CouplingStoreError(f"{path}: array '{name}' is missing (store damaged). {regenerate_advice(path)}") from e
+    return arrays
+
+
+def read_digests(path, array: zarr.Array) -> np.ndarray:
+    """All recorded chunk digests, uint64 [num_chunks, len(DATA_ARRAYS)] (an unwritten entry reads as 0)."""
+    try:
+        return array[...]
+    except Exception as e:  # codec/IO errors come in many types
+        raise CouplingStoreError(f"{path}: cannot read the chunk digests: {type(e).__name__}: {e}. "
+                                 f"{regenerate_advice(path)}") from e
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk digests
+
+
+def digest_fn(algorithm: str) -> Callable[[Any], int]:
+    """The function (bytes-like -> int) of a chunk digest algorithm; CouplingStoreError if this
+    machine cannot compute it (XXH3 needs the `xxhash` package)."""
+    if algorithm == "zlib.crc32":
+        return zlib.crc32
+    if algorithm == "xxh3_64":
+        try:
+            import xxhash
+        except ImportError as e:
+            raise CouplingStoreError("chunk digest 'xxh3_64' needs the xxhash package (pip install xxhash)") from e
+        return xxhash.xxh3_64_intdigest
+    raise CouplingStoreError(f"unknown chunk digest algorithm {algorithm!r} (known: {DIGEST_ALGORITHMS})")
+
+
+def store_digest(attrs: Mapping[str, Any]) -> str:
+    """The chunk digest algorithm a shard records in its attributes."""
+    return attrs["digest"]["algorithm"]
+
+
+def array_digest(a: np.ndarray, algorithm: str = DEFAULT_DIGEST) -> int:
+    """Digest of an array's little-endian bytes in C order (= the stored bytes of an uncompressed chunk)."""
+    a = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False)
+    return int(digest_fn(algorithm)(a.reshape(-1).view(np.uint8)))
+
+
+def chunk_digest(data: Mapping[str, np.ndarray], algorithm: str = DEFAULT_DIGEST) -> np.ndarray:
+    """uint64 [len(DATA_ARRAYS)]: `array_digest` of one chunk of every data array."""
+    return np.array([array_digest(data[name], algorithm) for name in DATA_ARRAYS], dtype=np.uint64)
+
+
+def chunk_file(path, array: zarr.Array, i: int) -> Path:
+    """The file that holds Zarr chunk i (along N) of `array` in the directory store at `path`."""
+    return Path(path) / array.path / array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
+
+
+def read_checked_chunk(
+    path, arrays: Mapping[str, zarr.Array], i: int, lo: int, hi: int, expected: np.ndarray, algorithm: str
+) -> dict[str, np.ndarray]:
+    """Chunk i (local samples [lo, hi)) of every data array, checked against its recorded digests
+    `expected` (row i of `digest`, made with `algorithm`); CorruptChunkError names the shard, the
+    chunk, the bad arrays and what to do."""
+    data, problems = _read_and_check(path, arrays, i, lo, hi, expected, algorithm)
+    if problems:
+        raise CorruptChunkError(path, {i: problems})
+    return data
+
+
+def _read_and_check(
+    path, arrays: Mapping[str, zarr.Array], i: int, lo: int, hi: int, expected: np.ndarray, algorithm: str
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(data, problems): chunk i of every data array, and what is wrong with each array that cannot
+    be read or does not match its digest. A missing chunk file reads as fill values, whose digest
+    cannot match that of the data once written; the file's absence is then named."""
+    data: dict[str, np.ndarray] = {}
+    problems: dict[str, str] = {}
+    for k, name in enumerate(DATA_ARRAYS):
+        try:
+            data[name] = arrays[name][lo:hi]
+        except Exception as e:  # codec/IO errors come in many types; all mean "corrupt chunk"
+            problems[name] = f"cannot be read ({type(e).__name__}: {e})"
+            continue
+        if array_digest(data[name], algorithm) != int(expected[k]):
+            problems[name] = _mismatch(path, arrays, name, i)
+    return data, problems
+
+
+def _mismatch(path, arrays: Mapping[str, zarr.Array], name: str, i: int) -> str:
+    """Why chunk i of array `name` does not match its digest, as far as the files tell (error path only)."""
+    data_file, digest_file = chunk_file(path, arrays[name], i), chunk_file(path, arrays["digest"], i)
+    rel = data_file.relative_to(path).as_posix()
+    if not data_file.exists():
+        return f"chunk file {rel} is missing (Zarr would have returned fill values)"
+    if not digest_file.exists():
+        return f"has no recorded digest (file {digest_file.relative_to(path).as_posix()} is missing)"
+    return f"data (file {rel}) differ from the digest recorded when the chunk was written"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +461,7 @@ def generate_shard(
     require_int("world_size", world_size, 1)
     require_int("rank", rank, 0, world_size)
     group, attrs = open_shard(path, mode="r+")
-    arrays = {name: group[name] for name in (*DATA_ARRAYS, "done")}
+    arrays = {**chunk_arrays(path, group), "done": group["done"]}
     done = arrays["done"][...]
     mine = [i for i in range(attrs["num_chunks"]) if i % world_size == rank and not done[i]]
     samples = sum(hi - lo for lo, hi in (_chunk_bounds(attrs, i) for i in mine))
@@ -305,9 +482,8 @@ def generate_shard(
 
 
 def _generate_chunk(path, arrays: dict[str, zarr.Array], attrs: dict[str, Any], i: int, generate_fn: GenerateFn) -> int:
-    """Generate, check, write and then mark chunk i (the mark comes last: see module docstring).
-
-    Returns the number of samples written."""
+    """Generate, check, write, record the digests of and then mark chunk i (the mark comes last:
+    see module docstring). Returns the number of samples written."""
     lo, hi = _chunk_bounds(attrs, i)
     ids, labels = arrays["sample_id"][lo:hi], arrays["label"][lo:hi]
     noise = chunk_noise(attrs["seed"], ids, attrs["shape"], attrs["noise_dtype"])
@@ -316,6 +492,8 @@ def _generate_chunk(path, arrays: dict[str, zarr.Array], attrs: dict[str, Any], 
     endpoint = _as_endpoint(out, noise.shape, attrs["endpoint_dtype"], path, i, ids)
     arrays["noise"][lo:hi] = noise
     arrays["endpoint"][lo:hi] = endpoint
+    data = {"noise": noise, "endpoint": endpoint, "label": labels, "sample_id": ids}
+    arrays["digest"][i] = chunk_digest(data, store_digest(attrs))
     arrays["done"][i] = True
     return hi - lo
 
@@ -364,26 +542,40 @@ def verify_shard(path, *, index_store=None, check_noise: bool = False, progress:
 def scan_shard(
     path, *, index: ReflowIndex | None, check_noise: bool = False, progress: bool = False
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """One pass over a shard: all verify_shard checks plus the per-sample distances."""
+    """One pass over a shard: all verify_shard checks plus the per-sample distances.
+
+    Every chunk is read once and checked against its recorded digests first; CorruptChunkError
+    lists every chunk that fails, with what is wrong and what to do."""
     group, attrs = open_shard(path)
     missing = np.flatnonzero(~group["done"][...])
     if missing.size:
         raise IncompleteShardError(path, missing.tolist())
-    labels, ids = _check_ids_and_labels(path, group, attrs, index)
-    distances = np.empty(attrs["count"], dtype=np.float64)
-    noise_arr, endpoint_arr = group["noise"], group["endpoint"]
+    arrays = chunk_arrays(path, group)
+    digests = read_digests(path, arrays["digest"])
+    count = attrs["count"]
+    distances = np.empty(count, dtype=np.float64)
+    labels, ids = np.empty(count, dtype=np.int32), np.empty(count, dtype=np.int64)
+    corrupt: dict[int, dict[str, str]] = {}
     bad_chunks: list[int] = []
     for i in tqdm(range(attrs["num_chunks"]), desc=f"verify {Path(path).name}", disable=not progress):
         lo, hi = _chunk_bounds(attrs, i)
-        noise, endpoint = read_array(path, noise_arr, lo, hi), read_array(path, endpoint_arr, lo, hi)
+        data, problems = _read_and_check(path, arrays, i, lo, hi, digests[i], store_digest(attrs))
+        if problems:
+            corrupt[i] = problems
+            continue
+        noise, endpoint = data["noise"], data["endpoint"]
+        labels[lo:hi], ids[lo:hi] = data["label"], data["sample_id"]
         if not (np.isfinite(noise).all() and np.isfinite(endpoint).all()):
             bad_chunks.append(i)
             continue
         if check_noise and not np.array_equal(noise, chunk_noise(attrs["seed"], ids[lo:hi], attrs["shape"], attrs["noise_dtype"])):
             raise CouplingStoreError(f"{path}: chunk {i}: stored noise differs from the noise of its sample ids")
         distances[lo:hi] = coupling_distance(noise, endpoint)
+    if corrupt:
+        raise CorruptChunkError(path, corrupt)
     if bad_chunks:
         raise CouplingStoreError(f"{path}: non-finite noise/endpoint values in chunk(s) {_abbrev(bad_chunks)}")
+    _check_ids_and_labels(path, attrs, ids, labels, index)
     partial = _partial_files(Path(path))
     report = {
         "path": str(path), "shard": attrs["shard"], "range": attrs["range"], "count": attrs["count"],
@@ -394,6 +586,51 @@ def scan_shard(
     return report, distances
 
 
+def unmark_corrupt_chunks(path, *, index_store) -> list[int]:
+    """Unmark every marked chunk of the shard at `path` that fails its digest (or cannot be read), so
+    that `generate_shard` regenerates exactly those; returns their numbers.
+
+    The bad chunk files are deleted first (a regenerated chunk never merges with a damaged object);
+    `label` and `sample_id`, written only at creation, are rewritten from the index (`index_store`,
+    the one the store was cut from) for every chunk whose stored values differ from it, marked or
+    not. Chunks that pass are left alone, so resuming a sound store costs one read of it.
+    """
+    group, attrs = open_shard(path, mode="r+")
+    index = load_index(index_store)
+    if attrs["index_hash"] != index.index_hash:
+        raise FingerprintMismatchError(
+            f"{path}: cut from index {attrs['index_hash'][:12]}..., not {index.path} ({index.index_hash[:12]}...)"
+        )
+    arrays, done_arr = chunk_arrays(path, group), group["done"]
+    done, digests = done_arr[...], read_digests(path, arrays["digest"])
+    start = attrs["range"][0]
+    bad: list[int] = []
+    for i in range(attrs["num_chunks"]):
+        lo, hi = _chunk_bounds(attrs, i)
+        want = {"label": index.labels[start + lo : start + hi], "sample_id": index.sample_ids[start + lo : start + hi]}
+        if done[i]:  # the digests cover label and sample_id too
+            _, problems = _read_and_check(path, arrays, i, lo, hi, digests[i], store_digest(attrs))
+        else:  # not generated yet: only the creation-time arrays must be right
+            problems = {name: "differs from the index" for name in want if not _equals(arrays[name], lo, hi, want[name])}
+        for name in problems:
+            chunk_file(path, arrays[name], i).unlink(missing_ok=True)
+            if name in want:
+                arrays[name][lo:hi] = want[name]
+        if done[i] and problems:
+            chunk_file(path, arrays["digest"], i).unlink(missing_ok=True)
+            done_arr[i] = False
+            bad.append(i)
+    return bad
+
+
+def _equals(array: zarr.Array, lo: int, hi: int, want: np.ndarray) -> bool:
+    """Whether array[lo:hi] reads back as `want` (False if it cannot be read)."""
+    try:
+        return bool(np.array_equal(array[lo:hi], want))
+    except Exception:  # a damaged chunk: rewrite it
+        return False
+
+
 def read_array(path, array: zarr.Array, lo: int, hi: int) -> np.ndarray:
     """Whole-chunk read that names the store, array and range if the chunk cannot be decoded."""
     try:
@@ -402,10 +639,10 @@ def read_array(path, array: zarr.Array, lo: int, hi: int) -> np.ndarray:
         raise CouplingStoreError(f"{path}: cannot read '{array.basename}'[{lo}:{hi}]: {type(e).__name__}: {e}") from e
 
 
-def _check_ids_and_labels(path, group: zarr.Group, attrs: dict[str, Any], index: ReflowIndex | None):
+def _check_ids_and_labels(path, attrs: dict[str, Any], ids: np.ndarray, labels: np.ndarray,
+                          index: ReflowIndex | None) -> None:
     """Sample ids must be the shard's index slice; labels must match the creation hash and index."""
     start, stop = attrs["range"]
-    ids, labels = group["sample_id"][...], group["label"][...]
     expected_ids = np.arange(start, stop, dtype=np.int64)
     if ids.shape != expected_ids.shape or not np.array_equal(ids, expected_ids):
         raise CouplingStoreError(f"{path}: sample_id is not the index slice {start}..{stop - 1}")
@@ -419,7 +656,6 @@ def _check_ids_and_labels(path, group: zarr.Group, attrs: dict[str, Any], index:
         wrong = np.flatnonzero(labels != index.labels[start:stop])
         if wrong.size:
             raise CouplingStoreError(f"{path}: labels differ from {index.path} at sample ids {_abbrev((wrong + start).tolist())}")
-    return labels, ids
 
 
 def _partial_files(path: Path) -> list[Path]:

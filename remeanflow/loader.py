@@ -33,6 +33,11 @@ numbers of couplings per epoch, so they drift apart slowly) -- usually less than
 `open_stream` opens the stream of one training process: fresh, at its saved position, or under
 another layout (with a warning, since the run then stops being bit-identical to an uninterrupted
 one).
+
+Every chunk a window reads is checked against the digests recorded when it was written
+(`coupling_set.CouplingReader.read_chunk`): a changed, missing or unreadable chunk file raises
+`couplings.CorruptChunkError` (naming the shard, the chunk and how to regenerate it) before any of
+its samples reaches a batch.
 """
 
 from __future__ import annotations

@@ -43,3 +43,21 @@ def drop_labels(labels: torch.Tensor, p: float, generator: torch.Generator | Non
     gen_device = generator.device if generator is not None else torch.device("cpu")
     drop = (torch.rand(labels.shape[0], generator=generator, device=gen_device) < p).to(labels.device)
     return torch.where(drop, torch.full_like(labels, -1), labels)
+
+
+def shard_range(num_samples: int, shard: int, num_shards: int, chunk: int) -> tuple[int, int]:
+    """[start, stop) of `shard` out of `num_shards`: whole generation chunks, split as evenly as possible.
+
+    Every boundary is a multiple of `chunk` except the final stop (= `num_samples`).
+    """
+    for name, value in (("num_samples", num_samples), ("num_shards", num_shards), ("chunk", chunk)):
+        require_int(name, value, 1)
+    require_int("shard", shard, 0, num_shards)
+    num_chunks = -(-num_samples // chunk)
+    if num_shards > num_chunks:
+        raise ValueError(
+            f"{num_shards} shards for {num_chunks} chunks of {chunk} ({num_samples} samples): "
+            "every shard needs at least one chunk; use fewer shards or a smaller chunk"
+        )
+    first, last = shard * num_chunks // num_shards, (shard + 1) * num_chunks // num_shards
+    return first * chunk, min(last * chunk, num_samples)

@@ -9,8 +9,6 @@ rule reflow_index:
         directory(f"{RUN}/reflow/index.zarr"),
     log:
         f"{RUN}/logs/reflow_index.log",
-    # before the teacher when both can run: it checks the sharding (couplings.num_shards)
-    priority: 10
     conda:
         "../envs/data.yaml"
     threads: 1

@@ -1,5 +1,6 @@
-"""Sharded coupling stores: geometry, shard/rank invariance, kill-and-resume, merge checks, reader;
-the coupling job's precision and fast path (`coupling_job`)."""
+"""Sharded coupling stores: geometry, shard/rank invariance, kill-and-resume, merge checks, reader,
+chunk digests (corrupt or missing chunk files, stores without digests, repair); the coupling job's
+precision and fast path (`coupling_job`)."""
 
 import os
 import shutil
@@ -21,7 +22,7 @@ from remeanflow import reflow_index as R
 sys.path.insert(0, str(Path(__file__).parent))
 from couplings_worker import SHARD_KW, toy_generate  # noqa: E402
 
-ARRAYS = ("noise", "endpoint", "label", "sample_id", "done")
+ARRAYS = ("noise", "endpoint", "label", "sample_id", "digest", "done")
 
 
 @pytest.fixture
@@ -99,6 +100,7 @@ def test_store_layout_one_chunk_per_batch(tmp_path, index):
     group = zarr.open_group(str(path), mode="r")
     assert group["noise"].chunks == (4, 2, 4, 4) and group["endpoint"].chunks == (4, 2, 4, 4)
     assert group["label"].chunks == (4,) and group["sample_id"].chunks == (4,) and group["done"].chunks == (1,)
+    assert group["digest"].chunks == (1, 4) and group["digest"].shape == (15, 4) and group["digest"].dtype == np.uint64
     assert all(group[n].shards is None for n in ARRAYS), "no sharding codec: one object per batch"
     assert group["noise"].dtype == np.float16 and group["label"].dtype == np.int32
     attrs = dict(group.attrs)
@@ -112,6 +114,16 @@ def test_store_layout_one_chunk_per_batch(tmp_path, index):
     np.testing.assert_array_equal(group["noise"][:4], per_sample_noise(7, ids, (2, 4, 4)).half().numpy())
     report = C.verify_shard(path, index_store=index, check_noise=True)
     assert report["count"] == 60 and sum(report["class_counts"]) == 60
+    # digest[i] is the digest (default: zlib.crc32) of chunk i of each data array, as stored
+    assert C.DEFAULT_DIGEST in C.DIGEST_ALGORITHMS and C.digest_fn("zlib.crc32") is __import__("zlib").crc32
+    assert attrs["digest"] == {"algorithm": C.DEFAULT_DIGEST, "of": "little-endian bytes of chunk i",
+                               "arrays": ["noise", "endpoint", "label", "sample_id"]}
+    fn = C.digest_fn(C.DEFAULT_DIGEST)
+    for i in (0, 14):
+        expected = [fn(np.ascontiguousarray(group[n][4 * i : 4 * i + 4]).tobytes()) for n in C.DATA_ARRAYS]
+        assert group["digest"][i].tolist() == expected
+    raw = (path / "endpoint" / "c" / "3" / "0" / "0" / "0").read_bytes()  # uncompressed: the file's own bytes
+    assert group["digest"][3, 1] == fn(raw)
 
 
 def test_create_is_idempotent_and_never_overwrites(tmp_path, index):
@@ -161,12 +173,17 @@ def test_couplings_identical_for_any_sharding_and_ranks(tmp_path, index, which, 
     else:
         generate, kw = tiny_teacher_generate(), dict(shape=(2, 8, 8), chunk=12)
         layouts = {"1x1": (1, 1), "2x3": (2, 3)}
-    merged = {}
+    merged, digests = {}, {}
     for name, (shards, world) in layouts.items():
         (tmp_path / name).mkdir()
         paths = make_shards(tmp_path / name, index, shards, generate, world_size=world, **kw)
         manifest = CS.merge_shards(paths, tmp_path / name / "manifest.json", index_store=index, progress=False)
         merged[name] = (read_all(tmp_path / name / "manifest.json"), manifest)
+        digests[name] = np.concatenate([read_arrays(p)["digest"] for p in paths])
+    # the chunk digests depend only on the chunks: the same for any number of shards or writer ranks
+    assert digests["1x1"].shape[1] == 4 and digests["1x1"].all()
+    for name, d in digests.items():
+        assert np.array_equal(d, digests["1x1"]), name
     ref, ref_manifest = merged["1x1"]
     np.testing.assert_array_equal(ref["sample_id"], np.arange(60))
     assert np.isfinite(ref["endpoint"]).all() and not np.allclose(ref["endpoint"], 0)
@@ -358,23 +375,214 @@ def test_checksum_changes_when_a_shard_is_modified(tmp_path, index):
     assert [s["checksum"] for s in before["shards"]] == [C.store_checksum(p) for p in paths]
     reader = CS.open_couplings(tmp_path / "m.json")
     reader.verify_checksums()
-    endpoint = zarr.open_group(str(paths[1]), mode="r+")["endpoint"]
+    group = zarr.open_group(str(paths[1]), mode="r+")
+    endpoint = group["endpoint"]
     endpoint[1, 0, 0, 0] = endpoint[1, 0, 0, 0] + 0.5  # sample id 21
     with pytest.raises(C.CouplingStoreError, match="shard-00001.*modified"):
         reader.verify_checksums()
+    # the chunk digests catch the change too: the merge refuses the shard
+    with pytest.raises(C.CorruptChunkError, match=r"shard-00001.zarr: corrupt coupling chunk\(s\) \[0\]"):
+        CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
+    # a change with a matching digest (as a buggy generator would make) changes only the tree checksum
+    lo = 0
+    data = {n: group[n][lo : lo + 4] for n in C.DATA_ARRAYS}
+    group["digest"][0] = C.chunk_digest(data)
     after = CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
     changed = [a["checksum"] != b["checksum"] for a, b in zip(before["shards"], after["shards"])]
     assert changed == [False, True, False]
+
+
+def _redigest(group, i: int) -> None:
+    """Record chunk i's current data as its digest: a change the digests cannot see (a wrong write)."""
+    data = {n: group[n][4 * i : 4 * i + 4] for n in C.DATA_ARRAYS}
+    group["digest"][i] = C.chunk_digest(data)
 
 
 def test_verify_detects_tampered_labels_and_noise(tmp_path, index):
     (path,) = make_shards(tmp_path, index, 1)
     group = zarr.open_group(str(path), mode="r+")
     group["noise"][0, 0, 0, 0] = 0.5
+    with pytest.raises(C.CorruptChunkError, match="chunk 0: noise data"):
+        C.verify_shard(path)
+    _redigest(group, 0)  # the other checks, behind a digest that matches
+    C.verify_shard(path)
     with pytest.raises(C.CouplingStoreError, match="chunk 0: stored noise differs"):
         C.verify_shard(path, check_noise=True)
     group["label"][3] = (group["label"][3] + 1) % 4
+    with pytest.raises(C.CorruptChunkError, match="chunk 0: label data"):
+        C.verify_shard(path)
+    _redigest(group, 0)
     with pytest.raises(C.CouplingStoreError, match="labels changed"):
+        C.verify_shard(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk digests: a changed, missing or unreadable chunk file is an error on every read that feeds
+# training or the merge, never data; a store without digests is refused; repair regenerates only
+# the bad chunks.
+
+
+def chunk_path(store: Path, array: str, i: int) -> Path:
+    """The file of Zarr chunk i of `array` in a shard store (data arrays are chunked along N only)."""
+    nd = {"noise": 4, "endpoint": 4, "label": 1, "sample_id": 1, "digest": 2, "done": 1}[array]
+    return store.joinpath(array, "c", str(i), *["0"] * (nd - 1))
+
+
+def flip_bytes(path: Path, offsets=(100, 1000, 1500)) -> None:
+    """Flip three bytes of a file in place (what the attack test did)."""
+    raw = bytearray(path.read_bytes())
+    for k in offsets:
+        raw[k % len(raw)] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+@pytest.fixture
+def merged(tmp_path, index):
+    """3 shards of 5 chunks, merged: (shard paths, manifest path)."""
+    paths = make_shards(tmp_path, index, 3)
+    CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
+    return paths, tmp_path / "m.json"
+
+
+def test_good_store_reads_the_same_with_and_without_verification(merged):
+    _, manifest = merged
+    on, off = CS.open_couplings(manifest), CS.open_couplings(manifest, verify=False)
+    assert on.verify and not off.verify
+    for i in range(len(on)):
+        a, b = on.read_chunk(i), off.read_chunk(i)
+        assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_flipped_bytes_in_a_chunk_file_are_an_error_naming_shard_and_chunk(merged, index):
+    paths, manifest = merged
+    reader = CS.open_couplings(manifest)
+    flip_bytes(chunk_path(paths[1], "endpoint", 1))
+    bad = next(k for k, ref in enumerate(reader.chunks) if ref.shard == 1 and ref.chunk == 1)
+    with pytest.raises(C.CorruptChunkError) as err:
+        reader.read_chunk(bad)
+    msg = str(err.value)
+    assert msg.startswith(f"{paths[1]}: corrupt coupling chunk(s) [1]")
+    assert "endpoint data (file endpoint/c/1/0/0/0) differ from the digest" in msg
+    assert "`couplings.unmark_corrupt_chunks` on it, then `couplings.generate_shard`" in msg  # not a workflow path
+    assert err.value.path == str(paths[1]) and err.value.chunks == [1] and list(err.value.problems[1]) == ["endpoint"]
+    for k in range(len(reader)):  # every other chunk still reads
+        if k != bad:
+            reader.read_chunk(k)
+    # the merge (all distances) and verify_shard refuse the shard the same way
+    with pytest.raises(C.CorruptChunkError, match=r"shard-00001.zarr: corrupt coupling chunk\(s\) \[1\] .*chunk 1: endpoint"):
+        CS.merge_shards(paths, manifest.with_name("again.json"), index_store=index, progress=False)
+    assert not manifest.with_name("again.json").exists()
+    with pytest.raises(C.CorruptChunkError, match="chunk 1: endpoint"):
+        C.verify_shard(paths[1])
+    # without verification (the benchmark's baseline) the bad values come through: what the digests prevent
+    assert not np.array_equal(CS.open_couplings(manifest, verify=False).read_chunk(bad)["endpoint"],
+                              CS.open_couplings(manifest, verify=False).read_chunk(0)["endpoint"])
+
+
+@pytest.mark.parametrize("array", ["noise", "endpoint", "label", "sample_id", "digest"])
+def test_a_deleted_chunk_file_is_an_error_not_fill_values(merged, index, array):
+    paths, manifest = merged
+    reader = CS.open_couplings(manifest) if array != "digest" else None
+    chunk_path(paths[2], array, 3).unlink()
+    if reader is None:  # digests are read when the reader opens
+        reader = CS.open_couplings(manifest)
+    bad = next(k for k, ref in enumerate(reader.chunks) if ref.shard == 2 and ref.chunk == 3)
+    with pytest.raises(C.CorruptChunkError) as err:
+        reader.read_chunk(bad)
+    assert err.value.path == str(paths[2]) and err.value.chunks == [3]
+    if array == "digest":
+        assert set(err.value.problems[3]) == set(C.DATA_ARRAYS)
+        assert "has no recorded digest (file digest/c/3/0 is missing)" in str(err.value)
+    else:
+        assert list(err.value.problems[3]) == [array]
+        assert f"{array} chunk file {chunk_path(Path(''), array, 3).as_posix()} is missing" in str(err.value)
+    with pytest.raises(C.CorruptChunkError, match=r"shard-00002.zarr: corrupt coupling chunk\(s\) \[3\]"):
+        CS.merge_shards(paths, manifest.with_name("again.json"), index_store=index, progress=False)
+
+
+def test_unreadable_and_several_bad_chunks_are_all_listed(merged, index):
+    paths, _ = merged
+    chunk_path(paths[0], "noise", 0).write_bytes(b"short")  # not a chunk any more: decoding fails
+    flip_bytes(chunk_path(paths[0], "label", 4), offsets=(0,))  # compressed: bad zstd frame
+    with pytest.raises(C.CorruptChunkError) as err:
+        C.verify_shard(paths[0])
+    assert err.value.chunks == [0, 4]
+    assert err.value.problems[0]["noise"].startswith("cannot be read")
+    assert "label" in err.value.problems[4]
+
+
+def test_store_without_digests_is_refused_with_a_clear_error(merged, index):
+    paths, manifest = merged
+    # a store as written before chunk digests: format /1, no digest array, no digest attribute
+    group = zarr.open_group(str(paths[0]), mode="r+")
+    attrs = dict(group.attrs)
+    del attrs["digest"]
+    group.attrs.put({**attrs, "format": "remeanflow.couplings.shard/1"})
+    shutil.rmtree(paths[0] / "digest")
+    for call in (lambda: CS.open_couplings(manifest), lambda: C.verify_shard(paths[0]),
+                 lambda: CS.merge_shards(paths, manifest, index_store=index, progress=False),
+                 lambda: C.create_shard_store(paths[0], index_store=index, shard=0, num_shards=3, **SHARD_KW)):
+        with pytest.raises(C.PreDigestShardError, match=rf"{paths[0]}: .*written before chunk digests.*Delete {paths[0]}"):
+            call()
+
+
+def test_advice_names_the_workflow_commands():
+    shard = Path("results/toy/reflow/couplings/shard-00003.zarr")
+    assert C.work_store_for(shard) == Path("results/toy/reflow/work/shard-00003.zarr")
+    assert C.work_store_for(Path("results/toy/reflow/work/shard-00003.zarr")) is None
+    advice = str(C.CorruptChunkError(shard, {2: {"endpoint": "changed"}}))
+    assert advice.startswith(f"{shard}: corrupt coupling chunk(s) [2] (1 total): chunk 2: endpoint changed. ")
+    assert f"rerun the workflow with `--forcerun {shard}`" in advice
+    assert f"first move {shard} to results/toy/reflow/work/shard-00003.zarr" in advice
+    assert f"`--forcerun {shard}`" in str(C.PreDigestShardError(shard, "remeanflow.couplings.shard/1"))
+
+
+def test_unmark_corrupt_chunks_regenerates_only_the_bad_ones(tmp_path, index):
+    reference = reference_store(tmp_path, index)
+    store = tmp_path / "damaged.zarr"
+    shutil.copytree(reference, store)
+    flip_bytes(chunk_path(store, "endpoint", 1))
+    chunk_path(store, "noise", 3).unlink()
+    chunk_path(store, "label", 5).write_bytes(b"garbage")
+    chunk_path(store, "digest", 7).unlink()
+    chunk_path(store, "sample_id", 14).unlink()  # the last chunk
+    counting, finished = Counting(), []
+    assert C.unmark_corrupt_chunks(store, index_store=index) == [1, 3, 5, 7, 14]
+    assert np.flatnonzero(~C.completion_mask(store)).tolist() == [1, 3, 5, 7, 14]
+    C.generate_shard(store, counting, progress=False, on_chunk_done=finished.append)
+    assert counting.calls == 5 and finished == [1, 3, 5, 7, 14]
+    C.verify_shard(store, index_store=index, check_noise=True)
+    assert_stores_equal(store, reference)
+    assert C.store_checksum(store) == C.store_checksum(reference)  # bit for bit, digests included
+    assert C.unmark_corrupt_chunks(store, index_store=index) == []  # a sound store is left alone
+
+
+def test_unmark_rewrites_creation_arrays_of_unfinished_chunks(tmp_path, index):
+    reference = reference_store(tmp_path, index)
+    store = tmp_path / "partial.zarr"
+    C.create_shard_store(store, index_store=index, shard=0, num_shards=1, **SHARD_KW)
+    C.generate_shard(store, toy_generate, rank=0, world_size=2, progress=False)  # even chunks only
+    chunk_path(store, "label", 3).unlink()  # not generated yet: generation would read fill values
+    assert C.unmark_corrupt_chunks(store, index_store=index) == []
+    C.generate_shard(store, toy_generate, progress=False)
+    assert C.store_checksum(store) == C.store_checksum(reference)
+
+
+def test_digest_algorithm_is_recorded_and_checked(tmp_path, index):
+    with pytest.raises(ValueError, match="digest must be one of"):
+        C.create_shard_store(tmp_path / "x.zarr", index_store=index, shard=0, num_shards=1, digest="md5", **SHARD_KW)
+    try:
+        import xxhash  # noqa: F401
+    except ImportError:
+        with pytest.raises(C.CouplingStoreError, match="needs the xxhash package"):
+            C.create_shard_store(tmp_path / "x.zarr", index_store=index, shard=0, num_shards=1, digest="xxh3_64",
+                                 **SHARD_KW)
+        assert not (tmp_path / "x.zarr").exists()
+        return
+    (path,) = make_shards(tmp_path, index, 1, digest="xxh3_64")
+    assert read_arrays(path)["digest"][0, 0] == xxhash.xxh3_64_intdigest(read_arrays(path)["noise"][:4].tobytes())
+    flip_bytes(chunk_path(path, "noise", 2))
+    with pytest.raises(C.CorruptChunkError, match="chunk 2: noise"):
         C.verify_shard(path)
 
 

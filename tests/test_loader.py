@@ -1,6 +1,6 @@
 """CouplingStream: exact batch sizes, whole-chunk reads, epoch coverage across ranks, truncation,
-determinism, resume from state, fingerprint and geometry errors; `open_stream` (a training
-process's stream: fresh, resumed, relaid out)."""
+determinism, resume from state, fingerprint and geometry errors, corrupt or missing chunk files;
+`open_stream` (a training process's stream: fresh, resumed, relaid out)."""
 
 from __future__ import annotations
 
@@ -304,3 +304,71 @@ def test_keyed_seed_depends_on_every_key():
     assert keyed_seed(1, 2, 3) == keyed_seed(1, 2, 3)
     assert len({keyed_seed(1, 2, 3), keyed_seed(1, 3, 2), keyed_seed(1, 2), keyed_seed(1, 2, 3, 0)}) == 4
     assert 0 <= keyed_seed(2**63, 7) < 2**63
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunk digests on the training path: every chunk the stream reads is verified.
+
+
+def _chunk_file(manifest: Path, shard: int, array: str, i: int) -> Path:
+    return manifest.parent.joinpath(f"shard-{shard:05d}.zarr", array, "c", str(i), "0", "0", "0")
+
+
+def _drain_until_error(stream: CouplingStream, max_batches: int = 100) -> tuple[Exception, set[int]]:
+    """Draw batches until the stream raises; returns the error and every sample id drawn before it."""
+    seen: set[int] = set()
+    for _ in range(max_batches):
+        try:
+            seen.update(next(stream)["sample_id"].tolist())
+        except C.CouplingStoreError as e:
+            return e, seen
+    raise AssertionError("the stream never reached the corrupt chunk")
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_stream_refuses_a_corrupt_or_missing_chunk(tmp_path, damage):
+    manifest = make_couplings(tmp_path / "c", num_samples=32, chunk=8, num_shards=2)
+    path = _chunk_file(manifest, 1, "endpoint", 1)  # sample ids 24..31
+    if damage == "flip":
+        raw = bytearray(path.read_bytes())
+        for k in (100, 1000, 1500):
+            raw[k] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    else:
+        path.unlink()
+    stream = CouplingStream(manifest, batch_size=8, seed=2, window_chunks=1)
+    err, seen = _drain_until_error(stream)
+    assert isinstance(err, C.CorruptChunkError)
+    shard = manifest.parent / "shard-00001.zarr"
+    assert str(err).startswith(f"{shard}: corrupt coupling chunk(s) [1]") and "chunk 1: endpoint" in str(err)
+    assert ("is missing" in str(err)) == (damage == "delete")
+    assert "must be regenerated" in str(err)
+    assert not seen & set(range(24, 32)), "no sample of the bad chunk reaches a batch"
+
+
+def test_stream_batches_do_not_depend_on_verification(sets):
+    on = CouplingStream(CS.open_couplings(sets["normal"]), batch_size=7, seed=1, window_chunks=2)
+    off = CouplingStream(CS.open_couplings(sets["normal"], verify=False), batch_size=7, seed=1, window_chunks=2)
+    for _ in range(20):
+        a, b = next(on), next(off)
+        assert all(torch.equal(a[k], b[k]) for k in ("x", "noise", "label", "sample_id"))
+
+
+def test_stream_benchmark_runs_and_reports_both_modes(tmp_path):
+    """benchmarks/coupling_stream.py in its smallest configuration (no timing is asserted)."""
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "coupling_stream.py"
+    spec = importlib.util.spec_from_file_location("bench_coupling_stream", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    assert bench.main(["--num-samples", "64", "--chunk", "8", "--shape", "2", "8", "8", "--batch", "8",
+                       "--window-chunks", "2", "--repeats", "1", "--epochs", "1", "--workdir", str(tmp_path),
+                       "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["format"] == "remeanflow.coupling-stream-bench/1"
+    assert set(result["modes"]) == {"on", "off"} and set(result["overhead_percent"]) == {"cpu", "user", "wall"}
+    assert all(m["wall"]["best_samples_per_s"] > 0 for m in result["modes"].values())
+    assert not list(tmp_path.glob("coupling-stream-*")), "the store is made in a temporary folder and removed"

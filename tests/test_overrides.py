@@ -62,9 +62,10 @@ def test_too_many_shards_fail_before_the_teacher(tmp_path):
     cfg = write_config(tmp_path, {"couplings": {"num_shards": 100}})
     proc = run_snakemake(tmp_path, cfg, check=False)
     assert proc.returncode != 0
-    text = proc.stdout + proc.stderr + (tmp_path / "results/tiny/logs/reflow_index.log").read_text()
+    text = proc.stdout + proc.stderr + (tmp_path / "results/tiny/logs/preprocess_merge.log").read_text()
     assert "couplings.num_shards" in text and "100 shards for 6 chunks" in text
     assert not (tmp_path / "results/tiny/teacher/net.pt").exists(), "the teacher ran before the sharding check"
+    assert not (tmp_path / "results/tiny/data/images.zarr").exists()
 
 
 def test_a_second_run_is_told_that_another_is_active(tmp_path):

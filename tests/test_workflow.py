@@ -344,7 +344,7 @@ def test_conda_envs_name_the_packages_of_pyproject():
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     deps = project["dependencies"] + project["optional-dependencies"]["vae"]  # evaluation decodes latents
     names = {re.split(r"[<>=!~ ]", d)[0].lower() for d in deps}
-    conda_alias = {"torch": "pytorch"}
+    conda_alias = {"torch": "pytorch", "xxhash": "python-xxhash"}
     envs = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "envs").glob("*.yaml")}
     listed = set()
     for env in envs.values():
