@@ -34,6 +34,14 @@ def _describe(err: jsonschema.ValidationError) -> str:
     return f"config key {_key(err.absolute_path)} = {err.instance!r}: {err.message}"
 
 
+def merge(base: dict, extra: dict) -> dict:
+    """Snakemake's merge of config files: nested dicts merged key by key, `extra` wins."""
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def load_schema(path=SCHEMA) -> dict:
     return yaml.safe_load(Path(path).read_text())
 

@@ -137,14 +137,6 @@ def _dig(obj: Any, *keys: str) -> Any:
     return obj
 
 
-def _deep_update(base: dict, extra: dict) -> dict:
-    """Snakemake's merge of config files: nested dicts merged key by key, later files win."""
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def format_duration(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "?"
@@ -218,7 +210,7 @@ def load_config(files: list[str | Path]) -> dict:
             raise StatusError(f"--configfile {f}: cannot read it: {e}") from e
         if not isinstance(data, dict):
             raise StatusError(f"--configfile {f}: not a mapping of config keys")
-        merged = _deep_update(merged, data)
+        merged = config_mod.merge(merged, data)
     try:
         return config_mod.validate(merged)
     except config_mod.ConfigError as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from remeanflow import config as rmf_config
 from remeanflow.coupling_set import open_couplings
 
 # Small tensors on 2 shared cores: OpenMP spinning with 2 threads made some ops ~100x slower
@@ -48,11 +50,7 @@ TINY = {
 }
 
 
-def deep_update(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = deep_update(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+deep_update = rmf_config.merge  # Snakemake's merge of config files, as the library does it
 
 
 def write_config(workdir: Path, overrides: dict | None = None, base: dict | None = None) -> Path:
@@ -86,6 +84,32 @@ def copy_checkout(dst: Path) -> Path:
     for part in ("rules", "workflow_scripts", "remeanflow", "schemas", "envs", "report"):
         shutil.copytree(REPO / part, dst / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     return dst
+
+
+def job_counts(text: str) -> dict[str, int]:
+    """Snakemake's "Job stats" table (rule -> jobs) from its output; {} when there is nothing to do."""
+    if "Job stats:" not in text:
+        return {}
+    table = text.split("Job stats:")[1].split("total")[0]
+    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
+
+
+def save_tiny_vae(path: Path) -> Path:
+    """A tiny SD-style diffusers AutoencoderKL (4 latent channels, 2x down/upsampling) saved with
+    save_pretrained. The decoder's output convolution gets a bias of 0.5 so that decoded pixels
+    spread over (0, 1) instead of sitting at the clamp."""
+    import diffusers
+
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    )
+    with torch.no_grad():
+        model.decoder.conv_out.bias.fill_(0.5)
+    model.save_pretrained(path)
+    return path
 
 
 def couplings_by_id(manifest: Path) -> dict[str, np.ndarray]:

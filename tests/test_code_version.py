@@ -5,22 +5,14 @@ workflow scripts import it (and what depends on their outputs)."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import copy_checkout
+from conftest import copy_checkout, job_counts
 
 pytestmark = pytest.mark.slow
-
-
-def _job_counts(text: str) -> dict[str, int]:
-    if "Job stats:" not in text:
-        return {}
-    table = text.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 def test_a_moved_run_is_up_to_date_and_a_module_edit_reruns_its_rules(tiny_run, tmp_path):
@@ -45,7 +37,7 @@ def test_a_moved_run_is_up_to_date_and_a_module_edit_reruns_its_rules(tiny_run, 
 
     module = repo / "remeanflow" / "meanflow.py"  # truncation_threshold lives here
     module.write_text(module.read_text() + "\n# an edit\n")
-    counts = _job_counts(dry_run())
+    counts = job_counts(dry_run())
     for rule in ("couplings_merge", "train_stage1", "train_stage2"):
         assert counts.get(rule) == 1, (rule, counts)
     assert counts.get("evaluate_merge") == 2

@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import REPO, TINY, deep_update, run_snakemake, write_config
+from conftest import REPO, TINY, deep_update, job_counts, run_snakemake, write_config
 from remeanflow import config as rmf_config
 from remeanflow import evaluate, fid, provenance
 from remeanflow.fileio import sha256_file
@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow
 
 SNAPSHOT = "train/work/stage1/snapshots/ema-step-00000004.pt"
 FID_SAMPLES, SHARDS = 6, 2
-
-
-def _job_counts(stdout: str) -> dict[str, int]:
-    table = stdout.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 def _reference_stats(path, seed: int = 0) -> None:
@@ -68,7 +63,7 @@ def eval_run(tiny_run, tmp_path_factory):
 
 def test_snapshot_evaluation_reports_fid_over_exactly_the_configured_samples(eval_run):
     run = eval_run["run"]
-    counts = _job_counts(eval_run["stdout"])
+    counts = job_counts(eval_run["stdout"])
     assert counts["evaluate_shard"] == SHARDS and counts["evaluate_merge"] == 1
     assert counts["fetch_inception"] == 1 and counts["fid_reference_stats"] == 1
     for upstream in ("train_stage1", "heldout_couplings", "pixel_reference_stats"):
@@ -120,7 +115,7 @@ def test_final_and_missing_checkpoints_and_no_weights(eval_run, tiny_run):
     assert "MissingInputException" in out and "train/work/stage1/snapshots/ema-step-00000999.pt" in out
     # The final EMA net is evaluated from train/<stage>/net_ema.pt by the same rules.
     proc = run_snakemake(eval_run["workdir"], eval_run["cfg"], "-n", "results/tiny/eval/stage2/metrics.json")
-    counts = _job_counts(proc.stdout + proc.stderr)
+    counts = job_counts(proc.stdout + proc.stderr)
     assert counts["evaluate_shard"] == SHARDS and counts["evaluate_merge"] == 1 and "fetch_inception" not in counts
 
 
@@ -153,7 +148,7 @@ def test_evaluate_config_keys_are_validated():
 @pytest.mark.parametrize("preset", ["imagenet64", "imagenet512"])
 def test_preset_dry_run_shards_the_evaluation(preset, tmp_path):
     proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"))
-    counts = _job_counts(proc.stdout + proc.stderr)
+    counts = job_counts(proc.stdout + proc.stderr)
     shards = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())["evaluate"]["shards"]
     assert counts["evaluate_shard"] == 2 * shards and counts["evaluate_merge"] == 2
     assert counts["fetch_inception"] == 1 and counts["fid_reference_stats"] == 1

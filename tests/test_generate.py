@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import copy_checkout
+from conftest import copy_checkout, save_tiny_vae
 from PIL import Image
 
 from remeanflow import checkpoints, generate, networks, sampling
@@ -270,17 +270,8 @@ def test_bad_inputs_are_errors_naming_the_file(net_path, tmp_path):
 
 
 def test_latent_net_decodes_through_the_vae(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="the 'vae' extra (diffusers) is not installed")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    )
-    with torch.no_grad():
-        model.decoder.conv_out.bias.fill_(0.5)
-    vae_dir = tmp_path / "tiny-vae"
-    model.save_pretrained(vae_dir)
+    pytest.importorskip("diffusers", reason="the 'vae' extra (diffusers) is not installed")
+    vae_dir = save_tiny_vae(tmp_path / "tiny-vae")
     net = networks.build("tiny", img_channels=4)  # 4 x 8 x 8 latents -> 3 x 16 x 16 pixels
     encoder = dict(class_name="StabilityVAEEncoder", vae_name="tiny-test-vae", raw_mean=[5.81, 3.25, 0.12, -2.15],
                    raw_std=[4.17, 4.62, 3.71, 3.28], final_mean=[0.0] * 4, final_std=[0.5] * 4, batch_size=8)

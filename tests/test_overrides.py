@@ -5,7 +5,6 @@ work caught before the teacher, and a second run started while one is active."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -13,16 +12,9 @@ import time
 
 import pandas as pd
 import pytest
-from conftest import run_snakemake, snakemake_cmd, write_config
+from conftest import job_counts, run_snakemake, snakemake_cmd, write_config
 
 pytestmark = pytest.mark.slow
-
-
-def _job_counts(text: str) -> dict[str, int]:
-    if "Job stats:" not in text:
-        return {}
-    table = text.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 @pytest.fixture
@@ -39,7 +31,7 @@ def test_stage2_iterations_up_and_down_from_the_command_line(finished_copy):
     first_attempts = log.read_text().count("===== attempt started")
 
     up = ("--config", "train={stage2: {iterations: 8}}")  # nested: Snakemake passes '8' as a string
-    counts = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, cfg, "-n", *up)))
+    counts = job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, cfg, "-n", *up)))
     assert counts.get("train_stage2") == 1 and counts.get("evaluate_merge") == 1, counts
     for untouched in ("train_stage1", "couplings_shard", "train_teacher", "init_time_embedding"):
         assert untouched not in counts, (untouched, counts)

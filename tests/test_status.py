@@ -24,7 +24,7 @@ from remeanflow import status as S
 from remeanflow.provenance import sidecar_path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY  # noqa: E402
+from conftest import TINY, deep_update  # noqa: E402
 from couplings_worker import SHARD_KW, toy_generate  # noqa: E402
 
 METRICS_HEADER = ["step", "loss", "mse", "w_pi", "lr", "grad_norm", "samples_per_s", "kept_fraction"]
@@ -81,7 +81,7 @@ def training(status: dict, stage: str) -> dict:
 
 def tiny_config(tmp_path: Path, **overrides) -> dict:
     f = tmp_path / "cfg.yaml"
-    f.write_text(yaml.safe_dump(S._deep_update(TINY, overrides)))
+    f.write_text(yaml.safe_dump(deep_update(TINY, overrides)))
     return S.load_config([f])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_vae
 
 from remeanflow import checkpoints, evaluate, networks, reference_stats, sampling, vae
 
@@ -20,20 +21,8 @@ SETTINGS = dict(class_name="StabilityVAEEncoder", vae_name="stabilityai/sd-vae-f
 
 @pytest.fixture(scope="module")
 def vae_dir(tmp_path_factory):
-    """A tiny SD-style VAE (4 latent channels, 2x down/upsampling) saved with save_pretrained.
-    The decoder's output convolution gets a bias of 0.5 so that decoded pixels spread over (0, 1)
-    instead of sitting at the clamp."""
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    )
-    with torch.no_grad():
-        model.decoder.conv_out.bias.fill_(0.5)
-    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
-    model.save_pretrained(path)
-    return path
+    """The tiny VAE of `conftest.save_tiny_vae`."""
+    return save_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
 
 
 def test_raw_latents_undo_edm2_scaling():

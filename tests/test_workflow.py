@@ -22,6 +22,7 @@ from conftest import (
     REPO,
     TINY,
     couplings_by_id,
+    job_counts,
     reuse_upstream,
     run_snakemake,
     snakemake_cmd,
@@ -32,11 +33,6 @@ from remeanflow import provenance
 from remeanflow.couplings import completion_mask, verify_shard
 
 pytestmark = pytest.mark.slow
-
-
-def _job_counts(stdout: str) -> dict[str, int]:
-    table = stdout.split("Job stats:")[1].split("total")[0]
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)$", table, re.M)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ def test_couplings_do_not_depend_on_shards_or_processes(tiny_run, tmp_path):
     dst = reuse_upstream(run, tmp_path, "three")
     cfg = write_config(tmp_path, {"run_name": "three", "couplings": {"num_shards": 3, "processes": 2}})
     target = "results/three/reflow/manifest.json"
-    planned = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n", target)))
+    planned = job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, cfg, "-n", target)))
     assert "train_teacher" not in planned and "preprocess_shard" not in planned, planned
     run_snakemake(tmp_path, cfg, target)
     assert len(list((dst / "reflow" / "couplings").glob("shard-*.zarr"))) == 3
@@ -280,7 +276,7 @@ def test_preset_dry_run_shows_the_full_sharded_dag(preset, num_shards, tmp_path)
     extra = tmp_path / "shards.yaml"
     extra.write_text(yaml.safe_dump({"couplings": {"num_shards": num_shards}}))
     proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"), str(extra))
-    counts = _job_counts(proc.stdout + proc.stderr)
+    counts = job_counts(proc.stdout + proc.stderr)
     assert counts["couplings_shard"] == num_shards
     assert counts["preprocess_shard"] == 20
     for rule in ("download_dataset", "fetch_teacher", "preprocess_merge", "reflow_index", "couplings_merge"):
@@ -293,7 +289,7 @@ def test_changing_a_sampler_setting_reruns_couplings_only(tiny_run):
     workdir, cfg, _ = tiny_run
     changed = write_config(workdir, {"couplings": {"guidance": 1.3}})
     proc = run_snakemake(workdir, changed, "-n")
-    counts = _job_counts(proc.stdout + proc.stderr)
+    counts = job_counts(proc.stdout + proc.stderr)
     assert counts.get("couplings_shard") == 2 and counts.get("couplings_merge") == 1
     assert counts.get("train_stage1") == 1 and counts.get("evaluate_merge") == 2 and counts.get("evaluate_shard") == 4  # everything downstream reruns
     for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index"):
@@ -319,7 +315,7 @@ def test_training_results_are_complete(tiny_run):
 def test_changing_a_training_setting_reruns_training_only(tiny_run):
     workdir, _, _ = tiny_run
     changed = write_config(workdir, {"train": {"lr": 5e-4}})
-    counts = _job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, changed, "-n")))
+    counts = job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(workdir, changed, "-n")))
     assert counts.get("train_stage1") == 1 and counts.get("train_stage2") == 1 and counts.get("evaluate_merge") == 2 and counts.get("evaluate_shard") == 4
     for upstream in ("toy_source", "download_dataset", "preprocess_shard", "train_teacher", "reflow_index",
                      "couplings_shard", "couplings_merge", "init_time_embedding", "heldout_couplings"):
