@@ -57,6 +57,13 @@ def sample_grid(ema: networks.Precond, device) -> np.ndarray:
     return np.repeat(pixels, 3, axis=3) if pixels.shape[3] == 1 else pixels
 
 
+def finish(accelerator: Accelerator) -> None:
+    """Close the trackers (none: nothing to do). Not `accelerator.end_training()`, which also
+    destroys the process group that the ranks still need for the final outputs."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def log_grid(accelerator: Accelerator, ema: networks.Precond, step: int) -> None:
     """The EMA net's sample grid to every tracker that takes images (main process)."""
     grid = sample_grid(ema, accelerator.device)

@@ -207,6 +207,11 @@ def check_layout(config: dict[str, Any], world: int) -> None:
     if config["jvp"] == "forward-fused" and world > 1:
         raise ValueError("jvp='forward-fused' runs torch.func.jvp on the model, which cannot go through DDP; "
                          "use 'forward' (or 'autograd') with several processes")
+    if config.get("compile") is not None and world > 1:
+        # The compiled loss would trace the DDP wrapper's forward, which Dynamo cannot capture.
+        raise ValueError(f"train.compile={config['compile']!r} with {world} processes: torch.compile cannot trace "
+                         "the DDP-wrapped model inside the loss; train several processes eagerly (train.compile: "
+                         "null) or one process compiled")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,8 +408,7 @@ def train_meanflow(
             row = train_step(trainer, inputs, step, fail=step == fail_at_step)
             row["samples_per_s"] = batch_size / (time.perf_counter() - started)
             metrics.append(row)
-            if settings.trackers:
-                accelerator.log(row, step=step)
+            accelerator.log(row, step=step)  # a no-op without trackers
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
             if step % checkpoint_every == 0 or step == iterations:
@@ -416,8 +420,7 @@ def train_meanflow(
     finally:
         bar.close()
         metrics.close()
-        if settings.trackers:
-            accelerator.end_training()
+        tracking.finish(accelerator)
     seconds = time.perf_counter() - t0
 
     paths: dict[str, str] = {}

@@ -365,6 +365,9 @@ def test_bad_arguments_fail_before_training(data, tmp_path):
         run_meanflow(**run_kw(data, tmp_path, mixed_precision="fp16"))
     with pytest.raises(ValueError, match="global batch and must be divisible by the number of processes \\(3\\)"):
         train.check_layout(dict(batch_size=8, jvp="forward"), 3)
+    with pytest.raises(ValueError, match="train.compile='inductor' with 2 processes: torch.compile cannot trace"):
+        train.check_layout(dict(batch_size=8, jvp="tangent", compile="inductor"), 2)
+    train.check_layout(dict(batch_size=8, jvp="tangent", compile="inductor"), 1)
     other = tmp_path / "other.pt"
     checkpoints.save_net(other, networks.build("tiny", img_resolution=16))
     with pytest.raises(ValueError, match=r"couplings are \[2, 8, 8\] but the net in .*other.pt expects \[2, 16, 16\]"):
