@@ -48,7 +48,6 @@ import argparse
 import csv
 import json
 import logging
-import math
 import re
 import sys
 import time
@@ -60,7 +59,7 @@ import numpy as np
 import torch
 import tqdm
 
-from . import checkpoints, networks, sampling
+from . import checkpoints, figures, networks, sampling
 from . import vae as vae_lib  # `vae` is also sample()'s argument
 from .fileio import atomic_path, sha256_file
 from .misc import require_int
@@ -78,7 +77,7 @@ RUN_SEARCH_DEPTH = 5  # parents of a checkpoint searched for the run's data/ (sn
 # Labelled grid layout (pixels): each image upscaled by nearest neighbour to at least MIN_CELL,
 # a LABEL_HEIGHT strip with the class name above each row, PAD between and around everything.
 MIN_CELL = 128
-LABEL_HEIGHT = 14
+LABEL_HEIGHT = figures.LABEL_PX
 PAD = 2
 
 # ----------------------------------------------------------------------------------------------
@@ -328,7 +327,7 @@ def save_png(pixels: torch.Tensor, path, info: dict) -> None:
 
 def grid_scale(size: int) -> int:
     """Nearest-neighbour upscaling factor of one image of `size` px in a grid (>= MIN_CELL px)."""
-    return max(1, math.ceil(MIN_CELL / size))
+    return figures.readable_scale(size, MIN_CELL)
 
 
 def grid_size(rows: int, cols: int, height: int, width: int) -> tuple[int, int]:

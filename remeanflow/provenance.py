@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import datetime as _dt
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -57,11 +58,18 @@ def _package_name(f: Path) -> str:
     return ".".join(f.relative_to(PACKAGE_DIR).parent.parts)
 
 
-def _imported(source: str, package: str | None) -> set[str]:
+def _imported(path: Path, package: str | None) -> frozenset[str]:
     """Names inside remeanflow that a source file imports (also inside functions), dotted; a
-    `from X import y` adds X.y too, which is kept only where it is a module."""
+    `from X import y` adds X.y too, which is kept only where it is a module. Parsed once per file
+    version: every rule's code version walks the same modules when the workflow is loaded."""
+    stat = path.stat()
+    return _imported_source(str(path), stat.st_mtime_ns, stat.st_size, package)
+
+
+@functools.lru_cache(maxsize=None)
+def _imported_source(path: str, mtime_ns: int, size: int, package: str | None) -> frozenset[str]:
     found = set()
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(ast.parse(Path(path).read_text())):
         if isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name == "remeanflow" or alias.name.startswith("remeanflow."):
@@ -79,7 +87,7 @@ def _imported(source: str, package: str | None) -> set[str]:
                 continue
             found.add(mod)
             found.update(f"{mod}.{a.name}".lstrip(".") for a in node.names)
-    return found
+    return frozenset(found)
 
 
 def import_closure(script) -> list[Path]:
@@ -89,7 +97,7 @@ def import_closure(script) -> list[Path]:
     todo = [(Path(script), None)]
     while todo:
         path, package = todo.pop()
-        for name in _imported(path.read_text(), package):
+        for name in _imported(path, package):
             parts = name.split(".") if name else []
             for i in range(len(parts) + 1):  # the module and every package above it
                 f = _module_file(".".join(parts[:i]))

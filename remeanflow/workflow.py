@@ -85,11 +85,11 @@ class StepContext:
         return int(getattr(self.smk, "threads", 1) or 1)
 
 
-def step_params(rule: str, script: str, config: dict) -> dict:
+def step_params(rule: str, script: str, settings: settings_mod.Settings) -> dict:
     """The one `params:` value of a rule: the settings that enter it and the code version of its
     script (`provenance.script_code_hash`). Snakemake reruns the rule when either changes."""
     return {
-        "settings": settings_mod.rule_config(settings_mod.load(config), rule),
+        "settings": settings_mod.rule_config(settings, rule),
         "code": provenance.script_code_hash(SCRIPTS / f"{script}.py"),
     }
 

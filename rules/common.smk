@@ -38,7 +38,7 @@ def res(group, key):
 
 def params_of(rule, script=None):
     """The rule's one params value: the settings that enter it and its script's code version."""
-    return step_params(rule, script or rule, config)
+    return step_params(rule, script or rule, S)
 
 
 def shards(n):
