@@ -75,4 +75,8 @@ def test_a_second_run_is_told_that_another_is_active(tmp_path):
     finally:
         if first.poll() is None:
             os.killpg(first.pid, signal.SIGTERM)
-        first.wait(timeout=60)
+        try:
+            first.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # Snakemake waits for its running jobs after SIGTERM
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait(timeout=60)
