@@ -1,10 +1,11 @@
 """Glue between Snakemake `script:` entry points and the library.
 
 Every workflow script is `with step(snakemake) as s: <call one library function>`. The context
-manager sends logging to the rule's log file, sets the rule's thread count, gives the script the
-typed settings (`s.settings`), times the step, and on success writes a provenance sidecar for every
-output; on failure it writes nothing (outputs are created atomically by the
-library, so Snakemake sees no complete-looking file either).
+manager sends logging to the rule's log file, sets the rule's thread count, gives a job with a
+`gpu` resource its own GPUs on a local run (`gpus.claim`) and sets up CUDA
+(`gpus.configure_cuda`), gives the script the typed settings (`s.settings`), times the step, and
+on success writes a provenance sidecar for every output; on failure it writes nothing (outputs are
+created atomically by the library, so Snakemake sees no complete-looking file either).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import provenance
+from . import gpus, provenance
 from . import settings as settings_mod
 
 log = logging.getLogger("remeanflow")
@@ -94,6 +95,17 @@ def step_params(rule: str, script: str, settings: settings_mod.Settings) -> dict
     }
 
 
+def gpu_request(smk) -> int:
+    """The `gpu` resource of a Snakemake job (0 when the rule has none)."""
+    resources = getattr(smk, "resources", None)
+    return int(resources.get("gpu", 0) or 0) if resources is not None else 0
+
+
+def job_name(smk) -> str:
+    wildcards = ",".join(f"{k}={v}" for k, v in smk.wildcards.items())
+    return f"{smk.rule}[{wildcards}]" if wildcards else smk.rule
+
+
 @contextlib.contextmanager
 def step(smk, *, outputs: list[str] | None = None):
     """Run one rule's body with logging, the rule's thread count, timing and provenance.
@@ -107,11 +119,18 @@ def step(smk, *, outputs: list[str] | None = None):
         sys.modules["torch"].set_num_threads(ctx.threads)
     started, t0 = provenance.now(), time.time()
     log.info("rule %s started; outputs: %s", smk.rule, list(smk.output))
-    try:
-        yield ctx
-    except Exception:
-        log.exception("rule %s failed", smk.rule)
-        raise
+    # The job's own GPUs (local runs; a no-op under Slurm and without GPUs), claimed before anything
+    # touches CUDA, then the per-process CUDA setup.
+    with gpus.claim(gpu_request(smk), job=job_name(smk)) as devices:
+        if devices is not None:
+            ctx.extra["gpus"] = devices
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            gpus.configure_cuda("cuda")
+        try:
+            yield ctx
+        except Exception:
+            log.exception("rule %s failed", smk.rule)
+            raise
     ctx.extra.setdefault("seconds", round(time.time() - t0, 3))
     for out in outputs if outputs is not None else list(smk.output):
         provenance.write(

@@ -1,6 +1,7 @@
 """Rule couplings_shard: teacher ODE couplings for one shard (resumable, multi-process capable)."""
 
 from remeanflow import checkpoints, coupling_job
+from remeanflow.launch import job_processes
 from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821
@@ -13,5 +14,6 @@ with step(smk) as s:
         output=smk.output[0], shard=int(smk.wildcards.shard), shape=shape, couplings=c.to_dict(), seed=s.settings.seed,
     )
     s.seeds["noise"] = s.settings.seed
-    processes = max(c.processes, int(smk.resources.get("gpu", 0) or 0), 1)
+    processes = job_processes(c.processes, int(smk.resources.get("gpu", 0) or 0),
+                              keys="couplings.processes / resources.couplings.gpu")
     s.extra["stats"] = coupling_job.launch(spec, processes, log_file=s.log_file)

@@ -2,7 +2,7 @@
 
 from remeanflow import train
 from remeanflow.checkpoints import net_sha256
-from remeanflow.launch import launch_module
+from remeanflow.launch import check_split, job_processes, launch_module
 from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821
@@ -16,7 +16,10 @@ with step(smk) as s:
         expected_fingerprint={"teacher_sha256": net_sha256(smk.input.teacher), "guide_sha256": net_sha256(smk.input.guide),
                               "sampler": settings.couplings.sampler.to_dict(), "seed": settings.seed},
     )
-    processes = max(settings.train.processes, int(smk.resources.get("gpu", 0) or 0), 1)
+    processes = job_processes(settings.train.processes, int(smk.resources.get("gpu", 0) or 0),
+                              keys="train.processes / resources.train.gpu")
+    check_split(settings.train.batch_size, processes, total_key="train.batch_size",
+                keys="train.processes / resources.train.gpu")
     if processes == 1:
         s.extra["summary"] = train.train_meanflow(settings.train, **spec)
     else:  # the spec travels as JSON to every rank
