@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import tqdm
 
+from .networks import one_hot
+
 T_MAX = 80 / 81  # flow time of sigma = 80, the EDM sigma_max: sigma = t / (1 - t)
 
 # ----------------------------------------------------------------------------------------------
@@ -75,6 +77,20 @@ def _per_sample(value, x: torch.Tensor) -> torch.Tensor:
     return torch.full((x.shape[0],), float(value), dtype=torch.float32, device=x.device)
 
 
+def batch_labels(net, labels: torch.Tensor | None) -> torch.Tensor | None:
+    """Class indices as one-hot rows, converted once per batch for a net with a `label_dim`.
+
+    A sampler calls the net 2N - 1 times (twice that with a guide) with the same labels;
+    `networks.one_hot`'s range check and construction then run here once instead of in every
+    call (on a GPU each is a host sync). One-hot rows, None, and the labels of nets without a
+    `label_dim` (e.g. test denoisers) are passed through unchanged; the values the net sees are
+    the same either way."""
+    label_dim = getattr(net, "label_dim", None)
+    if labels is None or labels.dtype.is_floating_point or not isinstance(label_dim, int) or label_dim < 1:
+        return labels
+    return one_hot(labels, label_dim)
+
+
 def guided_denoiser(net, guide=None, guidance: float = 1.0) -> Callable:
     """D(x; sigma, c) with autoguidance D = D_guide + w (D_main - D_guide) (Karras et al. 2024).
     With no guide or w = 1 the guide would cancel, so only the main net is evaluated."""
@@ -117,6 +133,7 @@ def edm_heun(
     _check_batch(noise, labels)
     sigmas = karras_sigmas(num_steps, sigma_min, sigma_max, rho).tolist()  # host floats: no device syncs
     denoise = guided_denoiser(net, guide, guidance)
+    labels = batch_labels(net, labels)
     x = noise.to(_state_dtype(noise)) * sigmas[0]
     steps = tqdm.tqdm(range(num_steps), desc="EDM Heun", unit="step", disable=not progress, leave=False)
     for i in steps:
@@ -158,6 +175,7 @@ def meanflow_sample(
         raise ValueError(f"t_max must lie in (0, 1], got {t_max}")
     _check_batch(noise, labels)
     ts = torch.linspace(1, 0, num_steps + 1, dtype=torch.float64).tolist()
+    labels = batch_labels(net, labels)
     x = noise.to(_state_dtype(noise))
     for t, r in zip(ts[:-1], ts[1:]):
         u = net(x, _per_sample(min(t, t_max), x), _per_sample(r, x), labels).to(x.dtype)
