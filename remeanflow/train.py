@@ -96,11 +96,21 @@ def prepare_for_training(net: networks.Precond) -> list[torch.nn.Parameter]:
 
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, net: torch.nn.Module, decay: float) -> None:
-    """theta_ema <- decay · theta_ema + (1 - decay) · theta, in float32 (buffers are copied)."""
-    for p_ema, p in zip(ema.parameters(), net.parameters()):
-        p_ema.lerp_(p.detach().to(p_ema.dtype), 1 - decay)
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+    """theta_ema <- decay · theta_ema + (1 - decay) · theta, in float32 (buffers are copied).
+
+    One fused `torch._foreach_lerp_` over all parameters and one `_foreach_copy_` over the
+    buffers: a per-tensor loop launched ~200 small kernels per step on a GPU. The arithmetic is
+    `lerp_`'s, bit-identical to the loop (tests/test_step_overhead.py)."""
+    ema_params, params = list(ema.parameters()), list(net.parameters())  # no_grad: no detach needed
+    ema_buffers, buffers = list(ema.buffers()), list(net.buffers())
+    if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
+        raise ValueError(f"EMA and net differ in structure: {len(ema_params)} vs {len(params)} parameters, "
+                         f"{len(ema_buffers)} vs {len(buffers)} buffers")
+    params = [p if p.dtype == q.dtype else p.to(q.dtype) for p, q in zip(params, ema_params)]
+    if ema_params:
+        torch._foreach_lerp_(ema_params, params, 1 - decay)
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, buffers)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,7 +164,7 @@ class StepInputs:
 
     x: torch.Tensor  # [B, C, H, W] teacher endpoints
     noise: torch.Tensor  # [B, C, H, W] their coupled noise
-    labels: torch.Tensor  # [B] int64, class-dropped (-1 = null)
+    labels: torch.Tensor  # [B] int64, class-dropped (-1 = null), on the host (or one-hot rows [B, label_dim])
     t: torch.Tensor  # [B]
     r: torch.Tensor  # [B]
     w_pi: float  # stage-2 guidance scale (1.0 in stage 1), the same on every process
@@ -173,12 +183,25 @@ def draw_step(config: dict[str, Any], batch: dict[str, Any], step: int, rank: in
     seed = config["seed"]
     torch.manual_seed(keyed_seed(_GLOBAL_RNG, seed, step, rank))
     gen = step_generator(seed, step, rank)
-    x = batch["x"].to(device)
-    t, r = sample_t_r(x.shape[0], gen, device=device, **config["time_sampler"])
-    labels = drop_labels(batch["label"], config["class_dropout"], gen).to(device)
+    x = to_device(batch["x"], device)
+    t, r = (to_device(v, device) for v in sample_t_r(x.shape[0], gen, device="cpu", **config["time_sampler"]))
+    # Labels stay on the host: `queue_step` turns them into one-hot rows there, where one_hot's
+    # range check costs no device sync.
+    labels = drop_labels(batch["label"], config["class_dropout"], gen)
     w_pi = draw_w_pi(seed, step, config["w_max"]) if config["stage"] == 2 else 1.0
-    return StepInputs(x=x, noise=batch["noise"].to(device), labels=labels, t=t, r=r, w_pi=w_pi,
+    return StepInputs(x=x, noise=to_device(batch["noise"], device), labels=labels, t=t, r=r, w_pi=w_pi,
                       kept_fraction=float(batch["kept_fraction"]))
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device` without a host sync: a plain copy from pageable memory to a GPU
+    waits for everything queued on the stream, so CUDA copies go through pinned memory,
+    non-blocking (the caching host allocator keeps the pinned block until the copy is done).
+    Other devices: a plain `.to`."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,33 +276,45 @@ def build_trainer(accelerator: Accelerator, net: networks.Precond, ema: networks
                    optimizer=optimizer, params=params, config=config)
 
 
-def train_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = False) -> dict[str, float]:
-    """One optimiser step on this process's share of the batch; returns the step's metrics
-    (every column of `train_state.METRICS_COLUMNS` but samples_per_s, averaged over processes where
-    they differ).
+@dataclasses.dataclass
+class PendingMetrics:
+    """The metrics of a queued step, still on the device: reading them (`read_metrics`) waits for
+    the step to finish, so the loop reads them only after the next step is queued."""
 
-    Raises NonFiniteError on a NaN/inf loss or gradient norm, on every process alike. `fail` is a
-    TESTING HOOK that makes the loss NaN.
+    step: int
+    reduced: torch.Tensor  # [3]: loss, mse, kept_fraction, averaged over processes
+    grad_norm: torch.Tensor  # 0-dim, before clipping
+    w_pi: float
+    lr: float
+
+
+def queue_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = False) -> PendingMetrics:
+    """One optimiser step on this process's share of the batch, queued without reading anything
+    back to the host (on a GPU the CPU runs ahead and queues the next step while this one runs).
+
+    A NaN/inf loss or gradient norm is only seen by `read_metrics`, after the optimiser step: the
+    caller must read a step's metrics before anything of that step is saved (`train_meanflow` does).
+    `fail` is a TESTING HOOK that makes the loss NaN.
     """
     cfg, acc = trainer.config, trainer.accelerator
     w = cfg_weights(inputs.w_pi)[0] if cfg["stage"] == 2 else 1.0
+    labels = inputs.labels
+    if labels is not None and not labels.dtype.is_floating_point:
+        labels = networks.one_hot(labels, trainer.net.label_dim)  # once per step, on the host (`draw_step`)
+    labels = to_device(labels, acc.device) if labels is not None else None
 
     trainer.net.normalize_weights_()  # forced weight normalisation (EDM2 Eq. 47), outside the forward
     # Mixed precision: `accelerator.prepare` made the net's own forward autocast with float32
     # outputs, so both the wrapped model and its module run in bf16 while the loss arithmetic
     # (x_t, targets, adaptive weight) stays in float32 (`Trainer.loss_fn` adds no autocast).
-    terms = trainer.loss_fn(inputs.x, inputs.noise, inputs.labels, inputs.t, inputs.r, w=w, w_pi=inputs.w_pi,
+    terms = trainer.loss_fn(inputs.x, inputs.noise, labels, inputs.t, inputs.r, w=w, w_pi=inputs.w_pi,
                             p=cfg["p"], c=cfg["c"])
     loss = terms.loss * float("nan") if fail else terms.loss
 
-    # One collective for everything logged; every process sees the same values and so takes the
-    # same branch below (a process raising alone would leave the others hanging in backward).
-    kept = torch.tensor(inputs.kept_fraction, device=acc.device)
-    loss_v, mse_v, kept_v = acc.reduce(
-        torch.stack([loss.detach().float(), terms.mse.float(), kept]), reduction="mean"
-    ).tolist()
-    if not math.isfinite(loss_v):
-        raise NonFiniteError(f"non-finite loss ({loss_v}) at step {step}")
+    # One collective for everything logged; every process reads the same values and so raises
+    # alike in `read_metrics`. torch.full, not torch.tensor: a filled scalar needs no host copy.
+    kept = torch.full([], inputs.kept_fraction, dtype=torch.float32, device=acc.device)
+    reduced = acc.reduce(torch.stack([loss.detach().float(), terms.mse.float(), kept]), reduction="mean")
 
     trainer.optimizer.zero_grad(set_to_none=True)
     acc.backward(loss)
@@ -287,13 +322,30 @@ def train_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = 
         grad_norm = acc.clip_grad_norm_(trainer.params, cfg["grad_clip"])  # returns the pre-clip norm
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainer.params if p.grad is not None])
-    grad_norm = float(grad_norm)
-    if not math.isfinite(grad_norm):
-        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at step {step}")
     trainer.optimizer.step()
     update_ema(trainer.ema, trainer.net, cfg["ema_decay"])
-    return dict(step=step, loss=loss_v, mse=mse_v, w_pi=inputs.w_pi, lr=trainer.optimizer.param_groups[0]["lr"],
-                grad_norm=grad_norm, kept_fraction=kept_v)
+    return PendingMetrics(step=step, reduced=reduced, grad_norm=grad_norm.detach(), w_pi=inputs.w_pi,
+                          lr=trainer.optimizer.param_groups[0]["lr"])
+
+
+def read_metrics(pending: PendingMetrics) -> dict[str, float]:
+    """A queued step's metrics as floats (every column of `train_state.METRICS_COLUMNS` but
+    samples_per_s); waits for that step. Raises NonFiniteError on a NaN/inf loss or gradient norm,
+    on every process alike (the values are the all-reduced ones)."""
+    loss_v, mse_v, kept_v = pending.reduced.tolist()
+    if not math.isfinite(loss_v):
+        raise NonFiniteError(f"non-finite loss ({loss_v}) at step {pending.step}")
+    grad_norm = float(pending.grad_norm)
+    if not math.isfinite(grad_norm):
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at step {pending.step}")
+    return {"step": pending.step, "loss": loss_v, "mse": mse_v, "w_pi": pending.w_pi, "lr": pending.lr,
+            "grad_norm": grad_norm, "kept_fraction": kept_v}
+
+
+def train_step(trainer: Trainer, inputs: StepInputs, step: int, *, fail: bool = False) -> dict[str, float]:
+    """One optimiser step and its metrics, read at once (`queue_step` + `read_metrics`; the loop
+    reads them one step late instead). Raises NonFiniteError on a NaN/inf loss or gradient norm."""
+    return read_metrics(queue_step(trainer, inputs, step, fail=fail))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -401,16 +453,30 @@ def train_meanflow(
     t0 = time.perf_counter()
     bar = tqdm.tqdm(total=iterations, initial=first - 1, desc=f"re-meanflow stage {stage}", unit="step",
                     disable=not (progress and accelerator.is_main_process))
+
+    def record(pending: PendingMetrics, seconds: float) -> None:
+        row = read_metrics(pending)  # raises NonFiniteError
+        row["samples_per_s"] = batch_size / seconds
+        metrics.append(row)
+        accelerator.log(row, step=pending.step)  # a no-op without trackers
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+
+    # A step's metrics are read one step late, once the next step is queued (reading waits for the
+    # device), and at once on a step that saves anything, so that no NaN step is ever saved.
+    pending, pending_started = None, 0.0
     try:
         for step in range(first, iterations + 1):
             started = time.perf_counter()
             inputs = draw_step(config, next(stream), step, accelerator.process_index, accelerator.device)
-            row = train_step(trainer, inputs, step, fail=step == fail_at_step)
-            row["samples_per_s"] = batch_size / (time.perf_counter() - started)
-            metrics.append(row)
-            accelerator.log(row, step=step)  # a no-op without trackers
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
+            queued = queue_step(trainer, inputs, step, fail=step == fail_at_step)
+            if pending is not None:
+                record(pending, started - pending_started)
+            pending, pending_started = queued, started
+            snapshot = snapshot_every is not None and step % snapshot_every == 0
+            if step % checkpoint_every == 0 or step == iterations or snapshot:
+                record(pending, time.perf_counter() - started)
+                pending = None
             if step % checkpoint_every == 0 or step == iterations:
                 train_state.save_checkpoint(trainer, stream, work_dir, step, metrics, keep_checkpoints)
             if snapshot_every is not None and step % snapshot_every == 0 and accelerator.is_main_process:
