@@ -17,8 +17,8 @@ Who uses what:
 
 The helpers:
 
-* `resolve_precision` / `autocast`: precision names ("auto" = bf16 on CUDA, fp32 elsewhere) and
-  bf16/fp16 autocast by name ("fp32" = off).
+* `resolve_precision` / `autocast`: precision names ("fp32" = off, "bf16", "fp16"), checked
+  against what this torch can autocast on the device, and autocast by name.
 * `to_channels_last` / `channels_last`: NHWC layout for the nets and their image inputs (tensor
   cores and cuDNN's NHWC kernels; no effect on results beyond rounding).
 * `use_sdpa_attention`: EDM2's cosine attention through `F.scaled_dot_product_attention`
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -59,13 +60,35 @@ def check_precision(precision: str) -> torch.dtype | None:
     return PRECISIONS[precision]
 
 
-def resolve_precision(precision: str, device: torch.device | str) -> str:
-    """The concrete precision name for `device`: "auto" is bf16 autocast on CUDA and fp32
-    elsewhere; "fp32", "bf16" and "fp16" are returned as they are; anything else is a clear error."""
-    if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "fp32"
+def autocast_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether this torch autocasts to `dtype` on `device`'s type. An unsupported pair is not an
+    error in torch: it warns once and silently runs in float32, which would put couplings computed
+    in fp32 under a reduced-precision fingerprint; so ask autocast itself what it turned on."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        # nothing can run there from this machine (e.g. a fingerprint computed ahead); CUDA's own dtypes
+        return dtype in (torch.float16, torch.bfloat16)
+    if not torch.amp.is_autocast_available(kind):
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(kind, dtype=dtype):
+                return torch.is_autocast_enabled(kind) and torch.get_autocast_dtype(kind) == dtype
+        except RuntimeError:  # e.g. bf16 on a GPU without bf16 support
+            return False
+
+
+def resolve_precision(precision: str, device: torch.device | str, key: str = "precision") -> str:
+    """The precision that runs on `device`: the name itself ("fp32", "bf16", "fp16"), on every
+    device type, so that a fingerprint naming it describes the arithmetic that ran. A name this
+    torch cannot autocast to on that device, or any other name, is a ValueError naming `key`."""
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {['auto', *sorted(PRECISIONS)]}, got {precision!r}")
+        raise ValueError(f"{key} must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    dtype = PRECISIONS[precision]
+    if dtype is not None and not autocast_supported(device, dtype):
+        raise ValueError(f"{key} = {precision!r}: this torch ({torch.__version__}) has no {dtype} autocast on "
+                         f"{torch.device(device).type}; use fp32 there, or another precision")
     return precision
 
 

@@ -9,9 +9,11 @@ published shard with corrupt chunks back to the work path and rerunning regenera
 With `processes > 1` it relaunches itself under `accelerate launch`, one process per GPU; ranks
 split the shard's chunks round-robin and never write the same Zarr chunk.
 
-Speed options (config `couplings.precision`, `couplings.fast_path`) go through `accel`: the
-precision names autocast ("auto" = bf16 on CUDA, fp32 on the CPU) and the fast path runs the
-sampler on an `accel.FastDenoiser` (channels-last, SDPA attention; torch.compile on CUDA).
+Precision and speed options (config `couplings.precision`, `couplings.fast_path`) go through
+`accel`: the precision names the teacher's autocast dtype on every device (fp16 as EDM2 and the
+official code sample; fp16/bf16 on the CPU through CPU autocast, refused naming the key where
+this torch has none), and the fast path runs the sampler on an `accel.FastDenoiser`
+(channels-last, SDPA attention; torch.compile on CUDA).
 
 Run as a module by `accelerate launch -m remeanflow.coupling_job <spec.json>`.
 """
@@ -40,19 +42,20 @@ def _default_device() -> torch.device:
 
 
 def speed_options(c: CouplingSettings, device: torch.device | str) -> tuple[str, bool]:
-    """(resolved precision, fast_path) of the couplings settings on `device`."""
+    """(precision that runs on `device`, fast_path) of the couplings settings."""
     precision, fast_path = c.precision, c.fast_path
     if not isinstance(fast_path, bool):
         raise ValueError(f"fast_path must be true or false, got {fast_path!r}")
-    return accel.resolve_precision(precision, device), fast_path
+    return accel.resolve_precision(precision, device, key="config key couplings.precision"), fast_path
 
 
 def fingerprint(teacher, guide, c: CouplingSettings, seed: int, device: torch.device | str | None = None) -> dict:
     """What determines the couplings besides the index: teacher, guide, sampler, seed, precision.
 
-    `precision` is the resolved name ("fp32", "bf16", "fp16") for `device` (default: CUDA when
-    available, else the CPU); `fast_path: True` is added only when the fast path is on, so the
-    default run's fingerprint is the same as before the option existed.
+    `precision` is the name that runs ("fp32", "bf16", "fp16"; checked for `device`, default CUDA
+    when available, else the CPU), so couplings of another precision never pass for these;
+    `fast_path: True` is added only when the fast path is on, so the default run's fingerprint is
+    the same as before the option existed.
     """
     precision, fast_path = speed_options(c, _default_device() if device is None else device)
     fp = {
@@ -72,7 +75,7 @@ def fingerprint(teacher, guide, c: CouplingSettings, seed: int, device: torch.de
 def make_generate_fn(net, guide, c: CouplingSettings, device: torch.device):
     """Endpoints of the guided teacher ODE for a chunk of standard-normal noise (EDM Alg. 1).
 
-    Eager path: `sampling.edm_heun` under `accel.autocast` at the resolved precision. Fast path
+    Eager path: `sampling.edm_heun` under `accel.autocast` at the configured precision. Fast path
     (`fast_path: true`): `accel.fast_edm_heun` on an `accel.FastDenoiser`, which modifies `net`
     and `guide` in place (channels-last layout, SDPA attention); on CUDA it is compiled with
     torch.compile's default backend, on the CPU it runs eagerly. Neither path uses CUDA graphs.

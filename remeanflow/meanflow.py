@@ -161,6 +161,9 @@ def _per_sample(s: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return s.reshape(-1, *([1] * (like.ndim - 1)))
 
 
+NULL_TARGETS = ("official", "plain")  # stage-2 target of null-class rows (`cfg_target`)
+
+
 def cfg_target(
     model_fn: ModelFn,
     x_t: torch.Tensor,
@@ -169,22 +172,30 @@ def cfg_target(
     labels: torch.Tensor,
     w: float,
     w_pi: float,
+    null_target: str = "official",
 ) -> torch.Tensor:
     """Guided target v_hat = w·v + k·u(x_t,t,t|c) + (1-w-k)·u(x_t,t,t|null), k = 1 - w/w_pi
     (MeanFlow §4.2, CFG with mixing scale kappa = k; Re-MeanFlow stage 2), without gradient.
 
-    Rows whose label is already null keep v_hat = v: the unconditional model is trained on the
-    plain flow target, otherwise it would be pulled towards a mixture of itself.
+    Rows whose label is already null (class dropout): for them c = null, so u_c = u_null and the
+    formula gives v_hat = w·v + (1-w)·u(x_t,t,t|null). null_target="official" keeps that, as the
+    official code does (it builds the target for every row after dropout; the paper's numbers
+    come from it); "plain" gives them v_hat = v instead, so that the unconditional model learns
+    the plain flow target rather than a mixture with its own output. The two differ wherever
+    w != 1, i.e. for w' > 2.
     """
+    if null_target not in NULL_TARGETS:
+        raise ValueError(f"null_target must be one of {NULL_TARGETS}, got {null_target!r}")
     k = 1.0 - w / w_pi
-    null = null_rows(labels)
     null_labels = torch.zeros_like(labels) if labels.dtype.is_floating_point else torch.full_like(labels, -1)
     with torch.no_grad():
         # One forward over the doubled batch: conditional and unconditional halves.
         u = model_fn(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([t, t]), torch.cat([labels, null_labels]))
         u_c, u_null = u.to(v.dtype).chunk(2)
         v_hat = w * v + k * u_c + (1 - w - k) * u_null
-    return torch.where(_per_sample(null, v), v, v_hat)
+    if null_target == "official":
+        return v_hat
+    return torch.where(_per_sample(null_rows(labels), v), v, v_hat)
 
 
 def guided(w: float | torch.Tensor, w_pi: float | torch.Tensor) -> bool:
@@ -268,6 +279,7 @@ def meanflow_loss_terms(
     jvp: str = "tangent",
     model_fn: ModelFn | None = None,
     tangent_fn: ModelFn | None = None,
+    null_target: str = "official",
 ) -> MeanFlowTerms:
     """MeanFlow loss of one batch (MeanFlow Alg. 1 with Re-MeanFlow's targets), deterministic given its inputs.
 
@@ -276,7 +288,7 @@ def meanflow_loss_terms(
     (`misc.drop_labels`); t, r: [N] from `sample_t_r`.
 
     x_t = (1-t)·x + t·n, v = n - x. Stage 1 (w = w_pi = 1): v_hat = v. Stage 2: v_hat is the CFG
-    target of `cfg_target` (null-label rows keep v_hat = v). (u, du/dt) is the JVP of
+    target of `cfg_target` (null-label rows: see its `null_target`). (u, du/dt) is the JVP of
     (x_t, t, r) -> u(x_t, t, r | c) along (v_hat, 1, 0); u_tgt = v_hat - (t - r)·du/dt;
     e = mean over C,H,W of (u - sg(u_tgt))^2; loss = mean(e / sg((e + c)^p)).
 
@@ -302,7 +314,7 @@ def meanflow_loss_terms(
     elif labels is None:
         raise ValueError("a CFG target (w, w_pi != 1) needs class labels")
     else:
-        v_hat = cfg_target(model_fn, x_t, t, v, labels, w, w_pi)
+        v_hat = cfg_target(model_fn, x_t, t, v, labels, w, w_pi, null_target)
 
     u, dudt = jvp_t(model_fn, x_t, t, r, labels, v_hat, jvp, tangent_fn)
     u_tgt = v_hat - (t_ - r_) * dudt  # MeanFlow Eq. 10

@@ -163,8 +163,9 @@ class CouplingSettings(SamplerSettings):
     batch: int = setting(256, "generation batch = one Zarr chunk", ge=1)
     noise_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the noise")
     endpoint_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the teacher endpoint")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
-        "auto", "teacher arithmetic (auto: bf16 on CUDA, fp32 on the CPU; EDM2 and the official code: fp16)")
+    precision: Literal["fp16", "bf16", "fp32"] = setting(
+        "fp16", "teacher arithmetic: autocast dtype of the ODE's denoiser evaluations (fp16: EDM2 and the official "
+        "code; fp32: no autocast), on every device (CPU autocast for fp16/bf16); part of the couplings' fingerprint")
     fast_path: bool = setting(False, "the fused guided denoiser of `accel` (channels-last, SDPA attention; compiled "
                               "on CUDA); off until a GPU run of benchmarks/gpu_bench.py shows its numerics")
     truncation_quantile: float = setting(0.9, "keep couplings below this global quantile of mean((n-x)^2)", gt=0,
@@ -174,6 +175,9 @@ class CouplingSettings(SamplerSettings):
     processes: int = setting(1, "processes per shard job (one per GPU)", ge=1, rules=())
 
     def __post_init__(self) -> None:
+        if self.precision == "auto":  # accepted before the official fp16 became the default; say what replaced it
+            raise ValueError("config key couplings.precision = 'auto' is no longer accepted (it meant bf16 on CUDA, "
+                             "fp32 on the CPU): name the precision, one of ['fp16', 'bf16', 'fp32']")
         super().__post_init__()
         if self.index_mode == "random" and self.num_samples is None:
             raise ValueError("config key couplings.num_samples must be set when couplings.index_mode is random")
@@ -213,8 +217,8 @@ class TimeSamplerSettings(Section):
     p_mean: float = setting(-0.8, "t - r = sigmoid(N(p_mean, p_std))")
     p_std: float = setting(1.0, "t - r = sigmoid(N(p_mean, p_std))", gt=0)
     high_t: float = setting(0.95, "high-variance rule: where t > high_t and r < high_r, r = 0 (official code: "
-                            "t > 0.8)", ge=0, le=1)
-    high_r: float = setting(0.4, "high-variance rule: r threshold", ge=0, le=1)
+                            "t > 0.8, i.e. high_t 0.8)", ge=0, le=1)
+    high_r: float = setting(0.4, "high-variance rule: r threshold (paper and official code: 0.4)", ge=0, le=1)
     ratio_r_neq_t: float = setting(0.25, "fraction of samples with r != t", ge=0, le=1)
 
 
@@ -243,6 +247,12 @@ class TrainSettings(Section):
     weight_decay: float = setting(0.0, "Adam weight decay", ge=0)
     ema_decay: float = setting(0.9999, "EMA decay per step", ge=0, lt=1)
     class_dropout: float = setting(0.1, "probability of the null class", ge=0, lt=1)
+    null_target: Literal["official", "plain"] = setting(
+        "official", "stage 2: target of the rows dropped to the null class; official: the guided target like every "
+        "row (w v + (1 - w) u(x_t, t, t | null)), plain: v_hat = v", rules=("train_stage2",))
+    carry_optimizer: bool = setting(
+        True, "stage 2 continues stage 1's Adam state (moments and step count, as the official single run does; "
+        "lr, betas, eps and weight decay still from these settings); false: a fresh Adam", rules=("train_stage2",))
     jvp: Literal["tangent", "forward", "forward-fused", "autograd"] = setting(
         "tangent", "how du/dt is computed (`meanflow.jvp_t`)")
     compile: Optional[Literal["inductor", "eager", "aot_eager", "cudagraphs"]] = setting(

@@ -5,8 +5,9 @@ retrains an EDM2 teacher, whose t/r time embeddings were fitted first (`time_emb
 one-step average-velocity model u(x_t, t, r | c):
 
 * stage 1: target v_hat = v (w = w_pi = 1), no gradient clipping;
-* stage 2: starts from stage 1's model and EMA, draws one guidance scale w_pi ~ U(1, w_max) per
-  step, (w, k) = `cfg_weights(w_pi)`, the CFG target of MeanFlow §4.2, grad-norm clip 1.0.
+* stage 2: starts from stage 1's model and EMA (and Adam state, `train.carry_optimizer`), draws
+  one guidance scale w_pi ~ U(1, w_max) per step, (w, k) = `cfg_weights(w_pi)`, the CFG target of
+  MeanFlow §4.2 (null-class rows: `train.null_target`), grad-norm clip 1.0.
 
 Both: Adam (paper: lr 1e-4, betas (0.9, 0.99), no weight decay), EMA of the weights with decay
 0.9999 per step, class dropout 0.1 to the null class, the adaptive loss weight of MeanFlow §4.3.
@@ -214,11 +215,14 @@ def hyperparameters(settings: TrainSettings, stage: int, seed: int) -> dict[str,
     settings' own bounds were checked when they were built; the jvp/compile pairing here."""
     own = settings.stage(stage)
     train_loss.check_loss_settings(settings.jvp, settings.compile)
+    # Settings that only act in stage 2 stay out of stage 1's configuration, so that they neither
+    # change its checkpoints' hash nor make a finished stage 1 look stale.
+    stage2_only = dict(null_target=settings.null_target, carry_optimizer=settings.carry_optimizer) if stage == 2 else {}
     return dict(
         stage=stage, batch_size=settings.batch_size, lr=settings.lr, betas=list(settings.betas), eps=settings.eps,
         weight_decay=settings.weight_decay, ema_decay=settings.ema_decay, grad_clip=own.grad_clip,
         class_dropout=settings.class_dropout, w_max=own.w_max, time_sampler=settings.time_sampler.to_dict(),
-        p=settings.p, c=settings.c, jvp=settings.jvp, seed=seed, compile=settings.compile,
+        p=settings.p, c=settings.c, jvp=settings.jvp, seed=seed, compile=settings.compile, **stage2_only,
     )
 
 
@@ -260,7 +264,8 @@ class Trainer:
         unwrapped `net`, compiled with the `compile` backend (None: eager). Built on first use,
         from this trainer's own fields (a `dataclasses.replace` copy builds its own)."""
         return train_loss.meanflow_loss_fn(self.net, jvp=self.config["jvp"], backend=self.config["compile"],
-                                      model_fn=self.model, tangent_fn=self.net)
+                                      model_fn=self.model, tangent_fn=self.net,
+                                      null_target=self.config.get("null_target", "official"))
 
 
 def build_trainer(accelerator: Accelerator, net: networks.Precond, ema: networks.Precond,
@@ -443,7 +448,9 @@ def train_meanflow(
 
     trainer = build_trainer(accelerator, start.net, start.ema, config)
     if ckpt is not None:
-        trainer.optimizer.load_state_dict(ckpt["optimizer"])
+        trainer.optimizer.load_state_dict(ckpt["optimizer"])  # a carried state went on inside it
+    elif config.get("carry_optimizer"):
+        train_state.carry_optimizer(trainer.optimizer, start, init)
     metrics = train_state.Metrics(work_dir / "metrics.csv", ckpt["metrics"].tolist() if ckpt is not None else [],
                                   enabled=accelerator.is_main_process)
     if settings.trackers:

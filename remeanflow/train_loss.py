@@ -38,6 +38,7 @@ def meanflow_loss_fn(
     mode: str | None = None,
     model_fn: meanflow.ModelFn | None = None,
     tangent_fn: meanflow.ModelFn | None = None,
+    null_target: str = "official",
 ) -> Callable[..., meanflow.MeanFlowTerms]:
     """`meanflow.meanflow_loss_terms` for `net` under autocast, optionally compiled as one graph.
 
@@ -50,9 +51,12 @@ def meanflow_loss_fn(
     stage 1 compiles one graph and stage 2 another, whatever w' each step draws.
 
     jvp="autograd" (the official double-backward reference) cannot be compiled
-    (`check_loss_settings`).
+    (`check_loss_settings`). `null_target`: the stage-2 target of null-class rows
+    (`meanflow.cfg_target`), a constant of the graph.
     """
     check_loss_settings(jvp, backend)
+    if null_target not in meanflow.NULL_TARGETS:
+        raise ValueError(f"null_target must be one of {meanflow.NULL_TARGETS}, got {null_target!r}")
     device = next(net.parameters()).device
     accel.check_precision(precision)
     if use_channels_last:
@@ -63,7 +67,7 @@ def meanflow_loss_fn(
         with accel.autocast(device, precision):
             out = meanflow.meanflow_loss_terms(
                 net, layout(x), layout(noise), labels, t, r, w=w, w_pi=w_pi, p=p, c=c, jvp=jvp,
-                model_fn=model_fn, tangent_fn=tangent_fn,
+                model_fn=model_fn, tangent_fn=tangent_fn, null_target=null_target,
             )
         return out.loss, out.e, out.mse  # plain tuple: what a compiled graph returns best
 

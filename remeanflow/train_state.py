@@ -1,8 +1,9 @@
 """What a Re-MeanFlow training run starts from and what it writes (the loop is in `train`).
 
 Start (`load_start`). Stage 1 starts from a `checkpoints.save_net` file (the teacher with fitted
-t/r embeddings); stage 2 from stage 1's `train_state.pt` (its model and EMA). The couplings must
-fit that net (`check_data_fits_net`).
+t/r embeddings); stage 2 from stage 1's `train_state.pt` (its model and EMA, and with
+`train.carry_optimizer` its Adam state, `carry_optimizer`). The couplings must fit that net
+(`check_data_fits_net`).
 
 Checkpoints. work_dir holds `ckpt-<step>.pt` (CHECKPOINT_FORMAT: weights, EMA, optimiser, step,
 every process's coupling-stream position, the metrics rows so far, the configuration and its
@@ -17,7 +18,8 @@ Snapshots. With `snapshot_every` N, the EMA net at every step divisible by N is 
 work_dir/snapshots/ema-step-XXXXXXXX.pt (`snapshot_path`; `checkpoints.save_net` format, never
 pruned), so that intermediate points of a run can be evaluated later.
 
-Outputs (`write_outputs`): out_dir/train_state.pt (TRAIN_STATE_FORMAT, the stage-2 init),
+Outputs (`write_outputs`): out_dir/train_state.pt (TRAIN_STATE_FORMAT, the stage-2 init, with
+the optimiser state since stage 2 can carry it; older files without it load all the same),
 net_ema.pt (`save_net` format) and metrics.csv (METRICS_COLUMNS; a live copy in work_dir is
 `Metrics`). Only the main process writes files (`_require_main`).
 """
@@ -72,13 +74,14 @@ class Start:
     ema: networks.Precond
     encoder: dict[str, Any]
     source: str  # "net" (stage 1: a project net checkpoint) or "train_state" (stage 2)
+    optimizer: dict[str, Any] | None = None  # stage 2: stage 1's final Adam state_dict, where saved
 
 
 def load_start(init, stage: int) -> Start:
     """Stage 1: a `checkpoints.save_net` file (the teacher with fitted t/r embeddings); the EMA
     starts as a copy of it. Stage 2: a stage-1 `train_state.pt`; training continues from its
-    model and its EMA (the optimiser starts fresh: the stage-2 target is a different objective,
-    and Adam's moments re-adapt within ~1/(1 - beta2) = 100 steps)."""
+    model and its EMA, and `optimizer` holds its Adam state (None in files written before it was
+    saved) for `carry_optimizer`."""
     if stage == 1:
         loaded = checkpoints.load_net(init)
         net, encoder = loaded["net"], loaded["encoder"]
@@ -88,7 +91,42 @@ def load_start(init, stage: int) -> Start:
         raise ValueError(f"{init}: not a Re-MeanFlow train_state.pt (format {TRAIN_STATE_FORMAT!r} expected); "
                          "stage 2 starts from stage 1's out_dir/train_state.pt")
     net, ema = (_net_from_state(init, obj["init_kwargs"], obj[key], key) for key in ("model", "ema"))
-    return Start(net=net, ema=ema, encoder=obj["encoder"], source="train_state")
+    return Start(net=net, ema=ema, encoder=obj["encoder"], source="train_state", optimizer=obj.get("optimizer"))
+
+
+def carry_optimizer(optimizer: torch.optim.Optimizer, start: Start, init) -> None:
+    """Continue stage 1's Adam in stage 2 (`train.carry_optimizer`): its per-parameter state
+    (exp_avg, exp_avg_sq, step) from stage 1's train_state.pt, under the hyperparameters
+    `optimizer` was built with (lr, betas, eps, weight decay of this stage's settings).
+
+    The official code runs both stages in one process with one Adam, so its stage 2 starts with
+    stage 1's moments and bias-correction step count; the paper's numbers come from that.
+    `torch.optim.Optimizer.load_state_dict` would also restore the saved hyperparameters, so the
+    saved param_groups are replaced by this optimiser's own (same parameter order: same net).
+    """
+    saved = start.optimizer
+    if saved is None:
+        raise ValueError(f"config key train.carry_optimizer is true but {init} holds no optimiser state (written "
+                         "before train_state.pt kept it): rerun stage 1, or set train.carry_optimizer: false")
+    groups = optimizer.param_groups
+    if len(saved["param_groups"]) != len(groups) or any(
+            len(a["params"]) != len(b["params"]) for a, b in zip(saved["param_groups"], groups)):
+        raise ValueError(f"{init}: its optimiser state has {[len(g['params']) for g in saved['param_groups']]} "
+                         f"parameters per group, this stage's Adam {[len(g['params']) for g in groups]}; "
+                         "cannot carry it (config key train.carry_optimizer)")
+    for ids, params in zip((g["params"] for g in saved["param_groups"]), (g["params"] for g in groups)):
+        for i, param in zip(ids, params):
+            state = saved["state"].get(i, {})
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in state and tuple(state[name].shape) != tuple(param.shape):
+                    raise ValueError(f"{init}: optimiser state {name} of parameter {i} has shape "
+                                     f"{tuple(state[name].shape)}, the parameter {tuple(param.shape)}; cannot carry "
+                                     "it (config key train.carry_optimizer)")
+    own = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({
+        "state": saved["state"],
+        "param_groups": [dict(mine, params=list(theirs["params"])) for mine, theirs in zip(own, saved["param_groups"])],
+    })
 
 
 def _net_from_state(path, init_kwargs: dict, state_dict: dict, what: str) -> networks.Precond:
@@ -256,6 +294,14 @@ def _state_dict_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
 
 
+def _optimizer_state_cpu(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimiser's state_dict with its tensors copied to the CPU (a train_state.pt loads anywhere)."""
+    sd = optimizer.state_dict()
+    state = {i: {k: v.detach().to("cpu", copy=True) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}
+    return dict(sd, state=state)
+
+
 def _ema_meta(trainer: Trainer, step: int) -> dict[str, Any]:
     cfg = trainer.config
     return dict(stage=cfg["stage"], step=step, seed=cfg["seed"], ema_decay=cfg["ema_decay"],
@@ -292,7 +338,8 @@ def save_snapshot(trainer: Trainer, work_dir: Path, step: int, encoder: dict) ->
 
 
 def write_outputs(trainer: Trainer, out_dir: Path, step: int, metrics: Metrics, encoder: dict) -> dict[str, str]:
-    """train_state.pt (the stage-2 init format), net_ema.pt (save_net format), metrics.csv."""
+    """train_state.pt (the stage-2 init format, with the optimiser state), net_ema.pt (save_net
+    format), metrics.csv."""
     paths = {name: out_dir / name for name in ("train_state.pt", "net_ema.pt", "metrics.csv")}
     _require_main(trainer.accelerator, out_dir)
     cfg = trainer.config
@@ -301,7 +348,8 @@ def write_outputs(trainer: Trainer, out_dir: Path, step: int, metrics: Metrics, 
     checkpoints.atomic_torch_save(
         dict(format=TRAIN_STATE_FORMAT, stage=cfg["stage"], step=step, config=cfg, config_hash=json_sha256(cfg),
              num_processes=trainer.accelerator.num_processes, init_kwargs=dict(trainer.net.init_kwargs),
-             encoder=encoder, model=_state_dict_cpu(trainer.net), ema=_state_dict_cpu(trainer.ema)),
+             encoder=encoder, model=_state_dict_cpu(trainer.net), ema=_state_dict_cpu(trainer.ema),
+             optimizer=_optimizer_state_cpu(trainer.optimizer)),
         paths["train_state.pt"],
     )
     return {k: str(v) for k, v in paths.items()}

@@ -259,3 +259,21 @@ def test_train_step_benchmark_fails_out_of_tolerance(tmp_path):
     assert proc.returncode == 1 and "ERROR: stage 1 forward: first-step loss" in proc.stderr
     report = json.loads(out.read_text())
     assert not report["passed"] and not report["results"][0]["runs"]["forward"]["loss_ok"]
+
+
+def test_coupling_precision_benchmark_smoke(tmp_path):
+    out = tmp_path / "precision.json"
+    proc = _run("coupling_precision.py", "--smoke", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    assert report["format"] == "remeanflow.coupling-precision-bench/1" and report["teacher"]["kind"] == "random"
+    assert json.loads(proc.stdout) == report
+    fp32 = report["precisions"]["fp32"]
+    assert fp32["time_vs_fp32"] == 1.0 and "rms_error" not in fp32
+    reduced = [p for p in ("bf16", "fp16") if p in report["precisions"]]
+    assert set(reduced) | set(report["skipped"]) == {"bf16", "fp16"}
+    for p in reduced:
+        entry = report["precisions"][p]
+        # really reduced precision (an error), and the same ODE (far below the endpoints' size)
+        assert 0 < entry["rms_error"] <= entry["max_abs_error"]
+        assert entry["relative_rms_error"] < 0.05 and entry["seconds_best"] > 0

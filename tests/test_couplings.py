@@ -593,10 +593,11 @@ JOB_CFG = dict(heun_steps=3, sigma_min=0.002, sigma_max=80.0, rho=7.0, guidance=
 
 
 def job(**options):
-    """The couplings settings of these tests: JOB_CFG's sampler plus `options`."""
+    """The couplings settings of these tests: JOB_CFG's sampler, fp32 (the embedded default's; the
+    class default is the official fp16) plus `options`."""
     from remeanflow.settings import CouplingSettings
 
-    return CouplingSettings(**{**JOB_CFG, **options})
+    return CouplingSettings(**{**JOB_CFG, "precision": "fp32", **options})
 
 
 def _job_net(seed: int):
@@ -633,7 +634,7 @@ def test_job_eager_path_is_bit_identical_to_the_plain_sampler(job_batch, one_thr
         ref = sampling.edm_heun(net, noise, labels, num_steps=3, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                                 guide=guide, guidance=1.7)
     cpu = torch.device("cpu")
-    for cfg in (job(), job(precision="auto"), job(precision="fp32", fast_path=False)):
+    for cfg in (job(), job(precision="fp32", fast_path=False)):
         out = coupling_job.make_generate_fn(net, guide, cfg, cpu)(noise, labels)
         assert out.dtype == torch.float32 and torch.equal(out, ref), cfg
 
@@ -661,7 +662,7 @@ def test_job_fast_path_matches_eager_path(job_batch, one_thread):
     assert _rel_err(unguided(noise, labels), ref) > 1e-3
 
 
-def test_job_fingerprint_records_resolved_precision_and_fast_path(tmp_path):
+def test_job_fingerprint_records_the_precision_and_fast_path(tmp_path):
     from remeanflow import coupling_job
     from remeanflow.checkpoints import net_sha256
 
@@ -679,11 +680,13 @@ def test_job_fingerprint_records_resolved_precision_and_fast_path(tmp_path):
         "sampler": JOB_CFG, "seed": 7, "precision": "fp32",
         "noise": {"generator": "numpy Philox(key=[sample_id, seed]) stream 0", "numpy": np.__version__},
     }
-    assert fp(precision="auto") == fp(precision="fp32") == fp(fast_path=False) == default
-    assert fp("cuda")["precision"] == "bf16"  # "auto" on CUDA (resolving needs no GPU)
-    assert fp("cuda", precision="fp32") == default
+    assert fp(precision="fp32") == fp(fast_path=False) == default
+    # the named precision runs on every device: no device-dependent choice any more
+    assert fp("cuda") == default and fp("cuda", precision="fp16")["precision"] == "fp16"
     for name in ("bf16", "fp16"):
         assert fp(precision=name) == dict(default, precision=name)
+    from remeanflow.settings import CouplingSettings
+    assert CouplingSettings(**JOB_CFG).precision == "fp16"  # the class default: the official precision
     assert fp(fast_path=True) == dict(default, fast_path=True)
     hashes = {C.fingerprint_hash(f) for f in (default, fp(precision="bf16"), fp(precision="fp16"), fp(fast_path=True))}
     assert len(hashes) == 4
@@ -691,7 +694,7 @@ def test_job_fingerprint_records_resolved_precision_and_fast_path(tmp_path):
 
     from remeanflow.coupling_job import speed_options
     assert speed_options(job(precision="bf16", fast_path=True), "cpu") == ("bf16", True)
-    assert speed_options(job(), "cuda") == ("bf16", False)
+    assert speed_options(job(), "cuda") == ("fp32", False)
 
 
 def test_job_rejects_bad_precision_and_fast_path(job_batch, tmp_path):
@@ -700,10 +703,17 @@ def test_job_rejects_bad_precision_and_fast_path(job_batch, tmp_path):
     net, guide, _, _ = job_batch
     cpu = torch.device("cpu")
     # the settings refuse an unknown precision where it enters; accel's own check guards direct callers
-    with pytest.raises(ValueError, match=r"CouplingSettings.precision = 'fp64': must be one of \['auto', 'fp32'"):
+    with pytest.raises(ValueError, match=r"CouplingSettings.precision = 'fp64': must be one of \['fp16', 'bf16'"):
         job(precision="fp64")
-    with pytest.raises(ValueError, match=r"\['auto', 'bf16', 'fp16', 'fp32'\], got 'fp64'"):
+    with pytest.raises(ValueError, match=r"couplings.precision = 'auto' is no longer accepted .* one of \['fp16'"):
+        job(precision="auto")
+    with pytest.raises(ValueError, match=r"\['bf16', 'fp16', 'fp32'\], got 'fp64'"):
         accel.resolve_precision("fp64", "cuda")
+    # a device type whose autocast this torch lacks: refused naming the key, not silently fp32
+    with pytest.raises(ValueError, match=r"config key couplings.precision = 'fp16': this torch .* no torch.float16 "
+                                         r"autocast on meta"):
+        coupling_job.speed_options(job(precision="fp16"), "meta")
+    assert coupling_job.speed_options(job(), "meta") == ("fp32", False)
     with pytest.raises(ValueError, match="fast_path must be true or false"):
         coupling_job.make_generate_fn(net, guide, job(fast_path="yes"), cpu)
 
@@ -728,3 +738,58 @@ def test_job_bf16_autocast_on_cpu(job_batch, tmp_path, one_thread):
     teacher = tmp_path / "net.pt"
     teacher.write_bytes(b"teacher")
     assert coupling_job.fingerprint(teacher, teacher, job(precision="bf16"), 7, cpu)["precision"] == "bf16"
+
+
+def test_job_fp16_autocast_on_cpu(job_batch, one_thread):
+    from remeanflow import accel, coupling_job
+
+    if not accel.autocast_supported("cpu", torch.float16):
+        pytest.skip("this torch has no float16 CPU autocast")
+    net, guide, noise, labels = job_batch
+    cpu = torch.device("cpu")
+    ref = coupling_job.make_generate_fn(net, guide, job(), cpu)(noise, labels)
+    out = coupling_job.make_generate_fn(net, guide, job(precision="fp16"), cpu)(noise, labels)
+    bf16 = coupling_job.make_generate_fn(net, guide, job(precision="bf16"), cpu)(noise, labels)
+    # really fp16 (neither the fp32 nor the bf16 numbers), the same ODE up to rounding; fp16 keeps
+    # 3 more mantissa bits than bf16, so it lands closer to fp32
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert not torch.equal(out, ref) and not torch.equal(out, bf16)
+    assert _rel_err(out, ref) < 1e-2 and _rel_err(out, ref) < _rel_err(bf16, ref)
+
+
+def test_a_shard_resumed_under_another_precision_is_refused(index, tmp_path, one_thread):
+    """The precision is part of the fingerprint in the shard's attributes: a killed shard is not
+    finished in another precision (its chunks would mix two arithmetics); with the precision it
+    was started in, it resumes and regenerates only the missing chunk."""
+    from remeanflow import checkpoints, coupling_job
+
+    teacher, guide = tmp_path / "net.pt", tmp_path / "guide.pt"
+    checkpoints.save_net(teacher, _job_net(0))
+    checkpoints.save_net(guide, _job_net(1))
+    work, output = tmp_path / "work" / "shard-00000.zarr", tmp_path / "shard-00000.zarr"
+
+    def spec(precision):
+        c = job(precision=precision, index_mode="random", num_samples=60, num_shards=1, batch=16)
+        return {"index": str(index), "teacher": str(teacher), "guide": str(guide), "work": str(work),
+                "output": str(output), "shard": 0, "shape": [2, 8, 8], "couplings": c.to_dict(), "seed": 7,
+                "progress": False}
+
+    coupling_job.run_shard(spec("fp32"))
+    first = read_arrays(output)
+    fp32_hash = C.read_shard_attrs(output)["fingerprint_hash"]
+    assert C.read_shard_attrs(output)["fingerprint"]["precision"] == "fp32"
+    # as a killed job leaves it: the work store with its last chunk not yet marked done
+    shutil.move(output, work)
+    zarr.open_group(str(work), mode="r+")["done"][3] = False
+
+    with pytest.raises(C.FingerprintMismatchError, match=r"differs in \['fingerprint', 'fingerprint_hash'\]"):
+        coupling_job.run_shard(spec("fp16"))
+    assert not output.exists() and C.read_shard_attrs(work)["fingerprint_hash"] == fp32_hash  # left as it was
+    fp16 = coupling_job.fingerprint(str(teacher), str(guide), job(precision="fp16"), 7, "cpu")
+    assert fp16["precision"] == "fp16" and C.fingerprint_hash(fp16) != fp32_hash
+
+    stats = coupling_job.run_shard(spec("fp32"))
+    assert stats["chunks_generated"] == 1 and stats["chunks_done_before"] == 3
+    again = read_arrays(output)
+    for name in ARRAYS:
+        assert np.array_equal(again[name], first[name]), name

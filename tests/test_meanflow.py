@@ -200,14 +200,16 @@ def test_cfg_weights(w_pi, w, k):
 # CFG target.
 
 
-def test_cfg_target_formula_and_null_rows():
+@pytest.mark.parametrize("null_target", meanflow.NULL_TARGETS)
+def test_cfg_target_formula_and_null_rows(null_target):
     model = SmoothNet()
     x, noise, labels, t, _ = batch(model.shape, 4, n=8, dtype=torch.float64)
     x_t = (1 - t[:, None, None, None]) * x + t[:, None, None, None] * noise
     v = noise - x
-    w, w_pi = 1.5, 2.5
-    k = 1 - w / w_pi
-    v_hat = meanflow.cfg_target(model, x_t, t, v, labels, w, w_pi)
+    w_pi = 2.5  # w' > 2, where the two null-row targets differ
+    w, k = 1.5, 1 - 1.5 / 2.5  # by hand: w = max(1, w' - 1), k = 1 - w / w'
+    assert meanflow.cfg_weights(w_pi) == pytest.approx((w, k), rel=1e-15)
+    v_hat = meanflow.cfg_target(model, x_t, t, v, labels, w, w_pi, null_target)
     with torch.no_grad():
         u_c = model(x_t, t, t, labels)
         u_null = model(x_t, t, t, torch.full_like(labels, -1))
@@ -215,10 +217,28 @@ def test_cfg_target_formula_and_null_rows():
     null = labels == -1
     assert null.any() and (~null).any()
     torch.testing.assert_close(v_hat[~null], expected[~null], rtol=1e-12, atol=1e-12)
-    assert torch.equal(v_hat[null], v[null])  # the unconditional target stays the plain v
+    if null_target == "official":
+        # the official code's target for every row; with c = null it is w v + (1 - w) u_null
+        torch.testing.assert_close(v_hat[null], expected[null], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(v_hat[null], (1.5 * v - 0.5 * u_null)[null], rtol=1e-12, atol=1e-12)
+        assert (v_hat[null] - v[null]).abs().max() > 1e-3
+    else:
+        assert torch.equal(v_hat[null], v[null])  # the unconditional target stays the plain v
     assert not v_hat.requires_grad
     # Without guidance the formula collapses to v.
-    torch.testing.assert_close(meanflow.cfg_target(model, x_t, t, v, labels, 1.0, 1.0), v, rtol=0, atol=1e-15)
+    torch.testing.assert_close(meanflow.cfg_target(model, x_t, t, v, labels, 1.0, 1.0, null_target), v, rtol=0,
+                               atol=1e-15)
+    # w' <= 2 gives w = 1: the official null-row target is v as well
+    w2, w_pi2 = meanflow.cfg_weights(1.8)
+    official = meanflow.cfg_target(model, x_t, t, v, labels, w2, w_pi2, null_target)
+    torch.testing.assert_close(official[null], v[null], rtol=0, atol=1e-14)
+
+
+def test_cfg_target_rejects_an_unknown_null_target():
+    model = SmoothNet()
+    x, noise, labels, t, _ = batch(model.shape, 4, n=4, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"null_target must be one of \('official', 'plain'\), got 'zero'"):
+        meanflow.cfg_target(model, x, t, noise - x, labels, 1.5, 2.5, "zero")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,12 +406,18 @@ def test_cfg_changes_target_except_null_rows():
     inp = loss_inputs(shape, net.label_dim, torch.float32, n=9)
     null = inp["labels"] == -1
     e1 = meanflow.meanflow_loss_terms(net, **inp).e
-    e2 = meanflow.meanflow_loss_terms(net, **inp, w=1.0, w_pi=2.0).e
-    e3 = meanflow.meanflow_loss_terms(net, **inp, w=2.0, w_pi=3.0).e
+    e2 = meanflow.meanflow_loss_terms(net, **inp, w=1.0, w_pi=2.0, null_target="plain").e
+    e3 = meanflow.meanflow_loss_terms(net, **inp, w=2.0, w_pi=3.0, null_target="plain").e
     assert (e1[~null] - e2[~null]).abs().min() > 1e-6
     assert (e2[~null] - e3[~null]).abs().min() > 1e-6
     torch.testing.assert_close(e2[null], e1[null], rtol=1e-6, atol=0)
     torch.testing.assert_close(e3[null], e1[null], rtol=1e-6, atol=0)
+    # the official target (the default) guides the null rows too once w = w' - 1 > 1
+    o2 = meanflow.meanflow_loss_terms(net, **inp, w=1.0, w_pi=2.0).e
+    o3 = meanflow.meanflow_loss_terms(net, **inp, w=2.0, w_pi=3.0).e
+    torch.testing.assert_close(o2, e2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(o3[~null], e3[~null], rtol=1e-6, atol=0)
+    assert (o3[null] - e3[null]).abs().min() > 1e-6
 
 
 def test_model_fn_replaces_net():

@@ -297,7 +297,9 @@ def test_snapshots_keep_the_ema_of_every_nth_step(data, tmp_path):
 
 def test_stage2_draws_w_pi_and_clips_gradients(data, stage1, tmp_path):
     init = stage1["root"] / "out" / "train_state.pt"
-    kw = dict(run_kw(data, tmp_path, stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1e-12), ema_decay=0.0)
+    # a fresh Adam: stage 1's carried moments would move the weights whatever the clipped gradient
+    kw = dict(run_kw(data, tmp_path, stage=2, init=init, iterations=4, w_max=2.5, grad_clip=1e-12), ema_decay=0.0,
+              carry_optimizer=False)
     summary = run_meanflow(**kw)
     metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
     assert metrics["w_pi"].between(1.0, 2.5).all() and metrics["w_pi"].nunique() == 4
@@ -350,6 +352,80 @@ def test_stage2_starts_from_stage1_model_and_ema(stage1):
     assert all(torch.equal(start.ema.state_dict()[k], v) for k, v in state["ema"].items())
     with pytest.raises(ValueError, match="not a Re-MeanFlow train_state.pt"):
         train_state.load_start(stage1["root"] / "out" / "net_ema.pt", stage=2)
+
+
+def test_stage2_carries_stage1_adam_state_under_its_own_hyperparameters(data, stage1, tmp_path):
+    """train.carry_optimizer: stage 2's first step continues stage 1's Adam (moments and step
+    count) with stage 2's lr and betas; false: a fresh Adam from zero moments."""
+    init = stage1["root"] / "out" / "train_state.pt"
+    saved = load_state(init)["optimizer"]
+    # train_state.pt keeps stage 1's final Adam state: that of its last checkpoint, step 40
+    last = load_state(stage1["root"] / "work" / "ckpt-00000040.pt")["optimizer"]
+    assert saved["state"].keys() == last["state"].keys() and len(saved["state"]) > 10
+    for i, state in saved["state"].items():
+        assert float(state["step"]) == STAGE1_STEPS
+        assert all(torch.equal(state[k], last["state"][i][k]) for k in ("exp_avg", "exp_avg_sq")), i
+    assert saved["param_groups"][0]["lr"] == TRAIN_KW["lr"] and tuple(saved["param_groups"][0]["betas"]) == (0.9, 0.99)
+
+    lr, (b1, b2) = 5e-4, (0.8, 0.95)  # stage 2's own, unlike stage 1's
+    kw = run_kw(data, tmp_path / "carry", stage=2, init=init, iterations=1, checkpoint_every=1, w_max=2.5,
+                grad_clip=None, lr=lr, betas=(b1, b2))
+    run_meanflow(**kw, carry_optimizer=True)
+    run_meanflow(**dict(kw, out_dir=tmp_path / "fresh" / "out", work_dir=tmp_path / "fresh" / "work"),
+                 carry_optimizer=False)
+    carried, fresh = (load_state(tmp_path / run / "work" / "ckpt-00000001.pt") for run in ("carry", "fresh"))
+    assert carried["config"]["carry_optimizer"] is True and fresh["config"]["carry_optimizer"] is False
+    for ckpt in (carried, fresh):
+        group = ckpt["optimizer"]["param_groups"][0]
+        assert group["lr"] == lr and tuple(group["betas"]) == (b1, b2)
+    assert (pd.read_csv(tmp_path / "carry" / "out" / "metrics.csv")["lr"] == lr).all()
+
+    # Both runs take the same first gradient g (same start, batch and draws). A fresh Adam after
+    # one step holds (1 - b1) g and (1 - b2) g^2 at step 1; the carried one, by hand from stage 1's
+    # saved moments m, s: b1 m + (1 - b1) g and b2 s + (1 - b2) g^2 at step 41.
+    for i, state in saved["state"].items():
+        f, c = fresh["optimizer"]["state"][i], carried["optimizer"]["state"][i]
+        assert float(f["step"]) == 1 and float(c["step"]) == STAGE1_STEPS + 1
+        g = f["exp_avg"].double() / (1 - b1)
+        m, v = state["exp_avg"].double(), state["exp_avg_sq"].double()
+        # float32 rounding of the terms (they may cancel): a few ulps of the largest of them
+        ulps = 1e-6 * float(torch.cat([m.flatten(), g.flatten()]).abs().max())
+        torch.testing.assert_close(f["exp_avg_sq"].double(), (1 - b2) * g * g, rtol=1e-5, atol=ulps ** 2)
+        torch.testing.assert_close(c["exp_avg"].double(), b1 * m + (1 - b1) * g, rtol=1e-5, atol=ulps)
+        torch.testing.assert_close(c["exp_avg_sq"].double(), b2 * v + (1 - b2) * g * g, rtol=1e-5,
+                                   atol=1e-6 * float(torch.cat([v.flatten(), (g * g).flatten()]).max()))
+    assert any(state["exp_avg"].abs().max() > 0 for state in saved["state"].values())
+    assert not torch.equal(carried["model"]["unet.out_gain"], fresh["model"]["unet.out_gain"])
+
+    # a stage-1 train_state.pt written before it kept the optimiser: a clear error naming the key
+    old = load_state(init)
+    del old["optimizer"]
+    old_init = tmp_path / "old_train_state.pt"
+    torch.save(old, old_init)
+    with pytest.raises(ValueError, match=r"config key train.carry_optimizer is true but .*old_train_state.pt holds "
+                                         r"no optimiser state"):
+        run_meanflow(**dict(kw, init=old_init, out_dir=tmp_path / "old" / "out", work_dir=tmp_path / "old" / "work"))
+    assert not (tmp_path / "old" / "out").exists()
+
+
+def test_stage2_null_target_reaches_the_loss_and_only_stage2_records_it(data, stage1, tmp_path):
+    init = stage1["root"] / "out" / "train_state.pt"
+    # step 1 draws w' <= 2 (w = 1: both null-row targets are v), step 2 w' > 2 (w = w' - 1 > 1: they differ)
+    w_pi = [train.draw_w_pi(TRAIN_KW["seed"], step, 3.0) for step in (1, 2)]
+    assert w_pi[0] <= 2 < w_pi[1]
+    kw = run_kw(data, tmp_path / "official", stage=2, init=init, iterations=2, w_max=3.0, grad_clip=None,
+                class_dropout=0.5, carry_optimizer=False)
+    run_meanflow(**kw)  # the class default: official
+    run_meanflow(**dict(kw, out_dir=tmp_path / "plain" / "out", work_dir=tmp_path / "plain" / "work"),
+                 null_target="plain")
+    official, plain = (pd.read_csv(tmp_path / run / "out" / "metrics.csv") for run in ("official", "plain"))
+    assert official["w_pi"].tolist() == plain["w_pi"].tolist() == w_pi
+    assert official["loss"][0] == plain["loss"][0] and official["loss"][1] != plain["loss"][1]
+    configs = {run: load_state(tmp_path / run / "out" / "train_state.pt")["config"] for run in ("official", "plain")}
+    assert configs["official"]["null_target"] == "official" and configs["plain"]["null_target"] == "plain"
+    # stage 1's configuration (and so its checkpoints' hash) has neither stage-2 key
+    stage1_config = load_state(init)["config"]
+    assert "null_target" not in stage1_config and "carry_optimizer" not in stage1_config
 
 
 def test_bad_arguments_fail_before_training(data, tmp_path):
