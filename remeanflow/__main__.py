@@ -1,5 +1,5 @@
 """Command line: `python -m remeanflow provenance <artifact> [--verify] [--json]`, `python -m
-remeanflow schema [--check]`.
+remeanflow schema [--check]`, `python -m remeanflow rehearsal-assets [--preset P] [--out DIR]`.
 
 `provenance` prints the artifact's lineage; with `--verify` it re-hashes the artifact itself and
 every input of the whole lineage (each once; also the other outputs of each job in it, against
@@ -63,6 +63,15 @@ def _schema(args) -> int:
     return 0
 
 
+def _rehearsal_assets(args) -> int:
+    from . import rehearsal  # torch, diffusers: only for this command
+
+    rehearsal.write_assets(args.preset, args.out)
+    print(f"wrote {args.out}/assets.yaml; run: snakemake --profile profiles/local --configfile {args.preset} "
+          f"{args.out}/assets.yaml")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="remeanflow")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -79,6 +88,12 @@ def main(argv=None) -> int:
     p = sub.add_parser("schema", help="write schemas/config.schema.yaml from the settings classes")
     p.add_argument("--check", action="store_true", help="exit 1 if the file differs from the settings classes")
     p.set_defaults(func=_schema)
+    p = sub.add_parser("rehearsal-assets", help="write the local assets of a rehearsal preset and their config overlay",
+                       description="Write what a rehearsal preset fetches (train tar, EDM2 pickles, Inception "
+                                   "weights, VAE; random weights) into OUT and the config overlay OUT/assets.yaml.")
+    p.add_argument("--preset", default="presets/rehearsal512.yaml", help="rehearsal preset (default: %(default)s)")
+    p.add_argument("--out", default="results/rehearsal-assets", help="asset folder (default: %(default)s)")
+    p.set_defaults(func=_rehearsal_assets)
     status.add_parser(sub)
     generate.add_sample_parser(sub)
     generate.add_export_parser(sub)

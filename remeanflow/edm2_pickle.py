@@ -387,3 +387,16 @@ def load_edm2_pickle(path) -> dict:
     encoder = encoder_settings(data["encoder"], source)
     net.eval().requires_grad_(False)
     return dict(net=net, init_kwargs=kwargs, encoder=encoder, source=source, sha256=sha256_file(path))
+
+
+def check_declared(loaded: dict, *, encoder: str, resolution: int, role: str) -> None:
+    """Refuse a pickle whose encoder or resolution differs from what the config declared
+    (teacher.fetch.encoder / resolution): the pre-run checks planned decoding and FID from them."""
+    net, found = loaded["net"], loaded["encoder"]["class_name"]
+    wrong = []
+    if found != encoder:
+        wrong.append(f"teacher.fetch.encoder is {encoder}, the pickle's encoder is {found}")
+    if net.img_resolution != resolution:
+        wrong.append(f"teacher.fetch.resolution is {resolution}, the pickle's img_resolution is {net.img_resolution}")
+    if wrong:
+        raise EDM2PickleError(f"{loaded['source']} (teacher.fetch.{role}): " + "; ".join(wrong))

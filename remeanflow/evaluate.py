@@ -55,6 +55,7 @@ from .heldout import (
     resolve_device,
 )
 from .misc import require_int
+from .preflight import vae_factor
 from .reference_stats import (
     pixel_features,
     pixel_stats,
@@ -69,6 +70,9 @@ METRICS_FORMAT = "remeanflow-eval-v1"
 SHARD_FORMAT = "remeanflow-eval-shard-v1"
 PIXEL_ENCODER = vae.PIXEL_ENCODER  # EDM2's encoder for nets that work on pixels in [-1, 1]
 FID_SKIPPED = "FID skipped: no Inception weights configured (config evaluate.inception.weights is null)"
+# Pixels of all panels of the sample grid together: 10 classes of 64 px, 3 of decoded 512 px
+# samples (a PNG of a few MB that the report inlines), whatever the resolution.
+GRID_MAX_PIXELS = 4_000_000
 STATS_CHUNK = 4096  # feature rows per RunningStats update: bounds the float64 copy in memory
 
 
@@ -357,6 +361,12 @@ def _check_teacher(teacher_path, heldout: Heldout, heldout_path) -> str | None:
     return digest
 
 
+def _decoded(latents: np.ndarray, encoder: dict, vae_path, device) -> np.ndarray:
+    """Latent samples -> pixels in [-1, 1] through the VAE (uint8 on the way, as saved images are)."""
+    pixels = vae.make_decoder(encoder, vae_path, device)(torch.from_numpy(np.ascontiguousarray(latents)))
+    return (pixels.float() / 127.5 - 1).numpy()
+
+
 def evaluate_checkpoint(
     net_path,
     heldout_path,
@@ -375,6 +385,7 @@ def evaluate_checkpoint(
     grid_min_px: int = 64,
     pixel_ref_stats=None,
     sampled: dict | None = None,
+    vae_path=None,
     device=None,
     progress: bool = True,
 ) -> dict:
@@ -384,11 +395,12 @@ def evaluate_checkpoint(
     one-step samples (e.g. the teacher with fitted time embeddings, the stage-1 initialisation);
     with `include_teacher`, the teacher's single Euler step and its multi-step endpoints (whose
     error against themselves is 0 by definition; the row is there for its Fréchet distance).
-    The pixel Fréchet distance is computed only for pixel-space nets (EDM2 StandardRGBEncoder);
-    latent nets would need the VAE decoder, and their grid shows latent channels 0-2.
+    The pixel Fréchet distance is computed only for pixel-space nets (EDM2 StandardRGBEncoder).
+    The grid of a latent net shows its samples decoded by the VAE at `vae_path` (only the grid's
+    samples are decoded), or latent channels 0-2 without one.
     Grid (`figures.save_panels`): one panel per generator (``grid.panels`` of the JSON), each with
-    the same held-out samples: `grid_per_class` per class for up to `grid_max_classes` classes,
-    classes as rows; images upscaled by nearest neighbour to at least `grid_min_px` pixels.
+    the same held-out samples: `grid_per_class` per class for up to `grid_max_classes` classes
+    (fewer when the panels would exceed `GRID_MAX_PIXELS`), classes as rows; images upscaled by nearest neighbour to at least `grid_min_px` pixels.
 
     `pixel_ref_stats`: precomputed pixel statistics of the dataset (.npz) instead of reading
     `images_store` again. `sampled`: the result of `sampled_metrics` for this checkpoint; its FID
@@ -428,8 +440,9 @@ def evaluate_checkpoint(
             num_ref = len(reference_rows(load_images(images_store)[0].shape[0], max_ref_images))
             reference = dict(images_store=str(images_store), num_images=num_ref, pixel_resolution=pixel_resolution)
     else:
-        notes.append(f"pixel Fréchet distance skipped: the net works in the latent space of {encoder} "
-                     "(needs the VAE decoder); the grid shows latent channels 0-2")
+        shown = "decoded by the VAE (evaluate.vae)" if vae_path is not None else "latent channels 0-2"
+        notes.append(f"pixel Fréchet distance of the held-out rows skipped: the net works in the latent space of "
+                     f"{encoder}; the grid shows its samples {shown}")
 
     names = [k for k in columns if include_teacher or not k.startswith("teacher")]
     rows = [evaluate_generator(k, columns[k], heldout, ref_stats, nfe=nfe[k], resolution=pixel_resolution)
@@ -437,18 +450,23 @@ def evaluate_checkpoint(
 
     # One panel per generator, the same held-out samples in each: classes as rows, grid_per_class
     # samples as columns (a class with fewer held-out samples gets white cells).
-    picked = grid_indices(heldout.labels, grid_per_class, grid_max_classes)
+    decode = not pixel_space and vae_path is not None
+    tile_px = heldout.noise.shape[-1] * (vae_factor(vae_path) if decode else 1)
+    max_classes = max(1, min(grid_max_classes, GRID_MAX_PIXELS // (tile_px**2 * grid_per_class * len(columns))))
+    picked = grid_indices(heldout.labels, grid_per_class, max_classes)
     classes = sorted(set(heldout.labels[picked].tolist()))
     slots = [np.flatnonzero(heldout.labels[picked] == c) for c in classes]
+    shown = {k: np.asarray(columns[k])[picked] for k in columns}
+    if decode:
+        shown = {k: _decoded(v, net_info["encoder"], vae_path, device) for k, v in shown.items()}
 
     def panel(images: np.ndarray) -> np.ndarray:
-        blank = np.ones_like(images[picked[:1], :3])
-        rows = [[images[picked[i : i + 1], :3] for i in slot] + [blank] * (grid_per_class - len(slot))
-                for slot in slots]
+        blank = np.ones_like(images[:1, :3])
+        rows = [[images[i : i + 1, :3] for i in slot] + [blank] * (grid_per_class - len(slot)) for slot in slots]
         return np.concatenate([cell for row in rows for cell in row])
 
     width, height = save_panels(
-        [(GRID_TITLES.get(k, k), panel(columns[k])) for k in columns], out_grid_png, per_row=grid_per_class,
+        [(GRID_TITLES.get(k, k), panel(shown[k])) for k in columns], out_grid_png, per_row=grid_per_class,
         row_labels=[f"class {c}" for c in classes], min_px=grid_min_px,
     )
 
@@ -466,6 +484,7 @@ def evaluate_checkpoint(
         grid=dict(
             path=str(out_grid_png), panels=list(columns), layout="per panel: classes as rows, samples as columns",
             sample_index=picked.tolist(), labels=heldout.labels[picked].tolist(), size=[width, height],
+            decoded_by=str(vae_path) if decode else None, tile_px=tile_px,
         ),
     )
     _write_json(out_json, metrics)

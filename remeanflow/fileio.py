@@ -39,6 +39,15 @@ __all__ = [
 ]
 
 
+_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
+
+
+def hash_prefix(name: str) -> str | None:
+    """The sha256 prefix a torch.hub-style file name carries (``...-6726825d.pth`` -> '6726825d')."""
+    m = _HASH_IN_NAME.search(name)
+    return m.group(1) if m else None
+
+
 def sha256_file(path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

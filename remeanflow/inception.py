@@ -22,7 +22,6 @@ FID of generated samples equals FID of their saved PNGs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
@@ -34,7 +33,7 @@ import tqdm
 
 from .data.download import DEFAULT_ATTEMPTS, DEFAULT_MAX_SECONDS, DEFAULT_RETRY_WAIT_S
 from .fid import fetch_checked
-from .fileio import sha256_file
+from .fileio import hash_prefix, sha256_file
 
 FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -45,7 +44,6 @@ NUM_LOGITS = 1008  # the TF graph's classifier: 1000 ImageNet classes plus 8 unu
 BN_EPS = 1e-3
 
 # torch.hub convention: a weights file named <name>-<first hex digits of its sha256>.<ext>.
-_HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks (Szegedy et al. 2016, "Rethinking the Inception Architecture", Fig. 5-7, 10).
@@ -233,12 +231,6 @@ def _is_url(source) -> bool:
 
 def _name_of(source) -> str:
     return Path(urlparse(str(source)).path).name if _is_url(source) else Path(source).name
-
-
-def hash_prefix(name: str) -> str | None:
-    """The sha256 prefix a torch.hub-style file name carries (``...-6726825d.pth`` -> '6726825d')."""
-    m = _HASH_IN_NAME.search(name)
-    return m.group(1) if m else None
 
 
 def check_sha256(path, sha256: str | None, name: str | None = None) -> str:

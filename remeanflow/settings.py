@@ -42,7 +42,7 @@ class ToySettings(Section):
     """The deterministic toy ImageNet-style archive of the embedded default."""
 
     RULES = ("toy_source",)
-    num_classes: int = setting(10, "classes (shapes x colours)", ge=2)
+    num_classes: int = setting(10, "classes (40 shape x colour looks, repeated beyond 40)", ge=2, le=1000)
     images_per_class: int = setting(120, "images per class", ge=1)
     size: int = setting(32, "side of the generated (non-square) JPEGs, px", ge=8)
     seed: int = setting(0, "generator seed", ge=0)
@@ -120,6 +120,13 @@ class TeacherFetchSettings(Section):
     main_sha256: Optional[str] = setting(None, "expected sha256 of the main pickle", pattern=SHA256_PATTERN)
     guide: Optional[str] = setting(None, "EDM2 pickle URL or path of the autoguidance guide")
     guide_sha256: Optional[str] = setting(None, "expected sha256 of the guide pickle", pattern=SHA256_PATTERN)
+    # Declared rather than read from the pickles so that the pre-run checks (`preflight`) know before
+    # anything is fetched whether decoding needs the VAE and what size the samples will have.
+    encoder: Literal["StandardRGBEncoder", "StabilityVAEEncoder"] = setting(
+        "StabilityVAEEncoder", "EDM2 encoder of the pickles: StabilityVAEEncoder = SD-VAE latents (pixels need "
+        "evaluate.vae), StandardRGBEncoder = pixels; checked when fetched", rules=())
+    resolution: int = setting(64, "img_resolution of the pickles (the latent side for StabilityVAEEncoder); "
+                              "checked when fetched", ge=1, rules=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,6 +316,9 @@ class RefStatsSettings(Section):
                                     "from data/images.zarr with the Inception weights",
                                     rules=("fid_reference_stats", _MERGE))
     sha256: Optional[str] = setting(None, "expected sha256 of the provided file", pattern=SHA256_PATTERN)
+    on_mismatch: Literal["error", "warn"] = setting(
+        "error", "statistics computed here from images of another size than the decoded samples (not comparable "
+        "to published FIDs): stop before the run, or warn (and the metrics note it)", rules=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,6 +343,9 @@ class EvalSettings(Section):
     ref_stats: RefStatsSettings = setting(factory=RefStatsSettings, doc="FID reference statistics", rules=())
     vae: Optional[str] = setting(None, "local diffusers AutoencoderKL folder that decodes latent nets to pixels; "
                                  "required for FID of latent nets; never fetched from a hub", rules=())
+    require_fid: bool = setting(True, "stop before the run when FID cannot be computed (no Inception weights, a "
+                                "latent teacher without evaluate.vae); false: FID is skipped and metrics say so",
+                                rules=())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,7 +3,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from snakemake.exceptions import WorkflowError
+
 from remeanflow import config as rmf_config
+from remeanflow import preflight as rmf_preflight
 from remeanflow import settings as rmf_settings
 from remeanflow.workflow import step_params
 
@@ -24,6 +27,14 @@ if workflow.is_main_process and any(Path(".snakemake/locks").glob("*.lock")):
 
 RUN = f"{S.results_dir}/{S.run_name}"
 PYTHON = shlex.quote(sys.executable)
+
+# Everything the final targets need from outside the run, checked before any job (preflight.py).
+if workflow.is_main_process:
+    _preflight = rmf_preflight.check(S, RUN)
+    if _preflight.warnings:
+        sys.stderr.write(_preflight.warning_message() + "\n")
+    if _preflight.problems:
+        raise WorkflowError(_preflight.error_message())
 
 
 wildcard_constraints:

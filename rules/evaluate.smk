@@ -161,6 +161,7 @@ rule evaluate_merge:
         initial=f"{RUN}/time_emb/net.pt",
         pixel_stats=PIXEL_STATS,
         ref_stats=FID_REF_STATS,
+        vae=VAE,
     output:
         metrics=f"{RUN}/eval/{{ckpt}}/metrics.json",
         grid=f"{RUN}/eval/{{ckpt}}/samples.png",

@@ -13,8 +13,8 @@ import sys
 import pytest
 import torch
 
-import edm2_pickle_writer as writer
 from remeanflow import checkpoints, networks
+from remeanflow import edm2_writer as writer
 from remeanflow.edm2_pickle import (
     EDM2PickleError,
     PersistentRecord,

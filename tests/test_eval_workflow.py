@@ -12,12 +12,20 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import (
+    REPO,
+    TINY,
+    complete_preset,
+    deep_update,
+    job_counts,
+    run_snakemake,
+    write_config,
+)
+from test_inception import random_inception
 
-from conftest import REPO, TINY, deep_update, job_counts, run_snakemake, write_config
 from remeanflow import config as rmf_config
 from remeanflow import evaluate, fid, provenance
 from remeanflow.fileio import sha256_file
-from test_inception import random_inception
 
 pytestmark = pytest.mark.slow
 
@@ -147,7 +155,8 @@ def test_evaluate_config_keys_are_validated():
 
 @pytest.mark.parametrize("preset", ["imagenet64", "imagenet512"])
 def test_preset_dry_run_shards_the_evaluation(preset, tmp_path):
-    proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"))
+    proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"),
+                         str(complete_preset(tmp_path, preset)))
     counts = job_counts(proc.stdout + proc.stderr)
     shards = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())["evaluate"]["shards"]
     assert counts["evaluate_shard"] == 2 * shards and counts["evaluate_merge"] == 2

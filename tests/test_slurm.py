@@ -22,6 +22,7 @@ import pytest
 import yaml
 from conftest import (
     REPO,
+    complete_preset,
     couplings_by_id,
     reuse_upstream,
     run_snakemake,
@@ -82,8 +83,9 @@ def test_slurm_profile_dry_run_asks_for_the_configured_resources(preset, slurm_p
     preset_cfg = yaml.safe_load((REPO / "presets" / f"{preset}.yaml").read_text())
     # A dry run caps threads at --cores (1 by default); on the cluster no --cores is given and
     # every job keeps its configured threads, so allow plenty here to see the real requests.
-    proc = run_snakemake(tmp_path, REPO / "presets" / f"{preset}.yaml", "-n", "--profile", str(SLURM_PROFILE),
-                         "--cores", "100000")
+    proc = run_snakemake(tmp_path, None, "-n", "--profile", str(SLURM_PROFILE), "--cores", "100000",
+                         "--configfile", str(REPO / "presets" / f"{preset}.yaml"),
+                         str(complete_preset(tmp_path, preset)))
     jobs = _planned_jobs(proc.stdout + proc.stderr)
     by_rule: dict[str, list[dict]] = {}
     for job in jobs:

@@ -21,6 +21,7 @@ import zarr
 from conftest import (
     REPO,
     TINY,
+    complete_preset,
     couplings_by_id,
     job_counts,
     reuse_upstream,
@@ -275,7 +276,8 @@ def test_misspelled_or_mistyped_config_key_is_named(tmp_path):
 def test_preset_dry_run_shows_the_full_sharded_dag(preset, num_shards, tmp_path):
     extra = tmp_path / "shards.yaml"
     extra.write_text(yaml.safe_dump({"couplings": {"num_shards": num_shards}}))
-    proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"), str(extra))
+    proc = run_snakemake(tmp_path, None, "-n", "--configfile", str(REPO / "presets" / f"{preset}.yaml"),
+                         str(complete_preset(tmp_path, preset)), str(extra))
     counts = job_counts(proc.stdout + proc.stderr)
     assert counts["couplings_shard"] == num_shards
     assert counts["preprocess_shard"] == 20
@@ -283,6 +285,7 @@ def test_preset_dry_run_shows_the_full_sharded_dag(preset, num_shards, tmp_path)
         assert counts[rule] == 1, rule
     assert "train_teacher" not in counts and "toy_source" not in counts
     assert not (tmp_path / "results").exists(), "a dry run must not download or write anything"
+    assert "remeanflow: warnings" in proc.stderr and "teacher.fetch.main_sha256" in proc.stderr
 
 
 def test_changing_a_sampler_setting_reruns_couplings_only(tiny_run):

@@ -5,7 +5,8 @@ reader, center crop) on this archive, so it mimics ImageNet's layout: an outer t
 ``<synset>.tar`` class archives, each holding ``<synset>_<n>.JPEG`` files. Synsets are fake
 WordNet ids ``n01000000 + k``, so sorted order is class order.
 
-Class ``k`` is a (shape, colour) pair; each image jitters position, size, rotation, colour,
+Class ``k`` is a (shape, colour) pair (40 of them; up to 1000 classes, class k looks like class
+k % 40, for rehearsals that need ImageNet's label count); each image jitters position, size, rotation, colour,
 background gradient and aspect ratio, so the classes form a distribution a generator has to
 learn rather than ten fixed pictures. The bytes depend only on the arguments (and on the JPEG
 encoder of the installed Pillow): per-image seeds, fixed JPEG settings, fixed tar metadata.
@@ -37,7 +38,8 @@ COLOURS = {
     "orange": (245, 140, 30),
     "white": (240, 240, 240),
 }
-MAX_CLASSES = len(SHAPES) * len(COLOURS)
+LOOKS = len(SHAPES) * len(COLOURS)  # distinct (shape, colour) pairs; class k looks like class k % LOOKS
+MAX_CLASSES = 1000  # ImageNet's synsets (the rehearsal of the paper presets needs all of them)
 
 _MTIME = 1262304000  # 2010-01-01, fixed so the archive bytes do not depend on the clock
 _SUPERSAMPLE = 4  # draw large and downsample: anti-aliased edges like a photographed object
@@ -49,10 +51,15 @@ def synset_name(k: int) -> str:
     return f"n{1000000 + k:08d}"
 
 
+def _colour(k: int) -> str:
+    return list(COLOURS)[(k % LOOKS) // len(SHAPES)]
+
+
 def class_name(k: int) -> str:
-    """Human-readable name of class ``k``, e.g. ``'red circle'``."""
-    colour = list(COLOURS)[k // len(SHAPES)]
-    return f"{colour} {SHAPES[k % len(SHAPES)]}"
+    """Human-readable name of class ``k``, e.g. ``'red circle'`` (``'red circle #2'`` for the third
+    class with that look, beyond the first `LOOKS` classes)."""
+    name = f"{_colour(k)} {SHAPES[k % len(SHAPES)]}"
+    return name if k < LOOKS else f"{name} #{k // LOOKS}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -114,7 +121,7 @@ def render_image(k: int, idx: int, *, size: int, seed: int) -> Image.Image:
     r = min(W, H) * rng.uniform(0.2, 0.34)
     cx = rng.uniform(r, W - r)
     cy = rng.uniform(r, H - r)
-    base = np.array(COLOURS[list(COLOURS)[k // len(SHAPES)]], dtype=np.float64)
+    base = np.array(COLOURS[_colour(k)], dtype=np.float64)
     fill = tuple(int(v) for v in np.clip(base + rng.normal(0, 12, size=3), 0, 255).round())
     angle = rng.uniform(0, 2 * math.pi)
     _draw_shape(ImageDraw.Draw(canvas), SHAPES[k % len(SHAPES)], cx, cy, r, angle, fill)
@@ -160,7 +167,7 @@ def _class_tar(k: int, images_per_class: int, size: int, seed: int) -> bytes:
 def _check_args(num_classes: int, images_per_class: int, size: int) -> None:
     if not 1 <= num_classes <= MAX_CLASSES:
         raise ValueError(
-            f"num_classes must be in [1, {MAX_CLASSES}] (shapes x colours), got {num_classes}"
+            f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}"
         )
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be >= 1, got {images_per_class}")

@@ -1,4 +1,4 @@
-"""Write network pickles in NVlabs EDM2's format from a `remeanflow.networks.Precond`, for tests.
+"""Write network pickles in NVlabs EDM2's format from a `remeanflow.networks.Precond`, for tests and the rehearsal (`remeanflow.rehearsal`).
 
 The bytes follow what EDM2's `training_loop` writes: `pickle.dump(dnnlib.EasyDict(encoder=...,
 dataset_kwargs=..., loss_fn=..., ema=Precond))`, where every EDM2 class instance reduces to
@@ -19,7 +19,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from remeanflow import networks
+from . import networks
 
 PERSISTENCE_VERSION = 6  # torch_utils.persistence._version of the published pickles
 

@@ -1,0 +1,174 @@
+"""Checks of a config against what its final targets need, made when the DAG is built (before any
+job), so that a missing asset stops the run in seconds rather than after the GPU-days upstream of it.
+
+`check(settings, run_dir)` returns the problems (each names the config key to set and why) and the
+warnings; `rules/common.smk` prints the warnings and stops with one message listing every problem.
+What is checked (docs/architecture.md, "Checks before the run"):
+
+* the dataset source exists and is readable when it is a local path (or the archive was already
+  downloaded into the run);
+* fetched teacher pickles are named (`teacher.fetch.main` / `guide`);
+* FID: Inception weights when `evaluate.require_fid`; a latent teacher (EDM2 StabilityVAEEncoder)
+  needs `evaluate.vae`, a local diffusers folder, to decode its samples for Inception;
+* reference statistics computed here are comparable only when the dataset's images have the size of
+  the decoded samples (`evaluate.ref_stats.on_mismatch`: error or warning);
+* URLs fetched without a sha256 to check them against (warning).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from .fileio import hash_prefix
+from .settings import Settings
+
+# SD-VAE (stabilityai/sd-vae-ft-mse, the VAE of EDM2's latent nets): 8 pixels per latent.
+SD_VAE_FACTOR = 8
+LATENT_ENCODER = "StabilityVAEEncoder"
+
+
+@dataclasses.dataclass(frozen=True)
+class Finding:
+    key: str  # the config key to set
+    message: str
+
+    def __str__(self) -> str:
+        return f"  - {self.key}: {self.message}"
+
+
+@dataclasses.dataclass
+class Report:
+    problems: list[Finding] = dataclasses.field(default_factory=list)
+    warnings: list[Finding] = dataclasses.field(default_factory=list)
+
+    def error_message(self) -> str:
+        head = (f"remeanflow: the config cannot produce its final targets; set these keys before the run "
+                f"({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):")
+        return "\n".join([head] + [str(p) for p in self.problems])
+
+    def warning_message(self) -> str:
+        return "\n".join(["remeanflow: warnings about the config:"] + [str(w) for w in self.warnings])
+
+
+def _is_url(source: str) -> bool:
+    return "://" in source
+
+
+def _local(source: str) -> Path | None:
+    """The local path of a path or file:// URL; None for a remote URL."""
+    if source.startswith("file://"):
+        return Path(source[len("file://"):])
+    return None if _is_url(source) else Path(source)
+
+
+def _readable(path: Path) -> str | None:
+    """Why `path` cannot be read as a file, or None."""
+    if not path.exists():
+        return f"{path} does not exist"
+    if not path.is_file():
+        return f"{path} is not a file"
+    if not os.access(path, os.R_OK):
+        return f"{path} is not readable"
+    return None
+
+
+def vae_factor(vae_dir: str | None) -> int:
+    """Pixels per latent of a diffusers AutoencoderKL folder: 2 ** (blocks - 1) from its config.json;
+    the SD-VAE's 8 when the folder is not there to read."""
+    config = Path(vae_dir) / "config.json" if vae_dir else None
+    if config is None or not config.is_file():
+        return SD_VAE_FACTOR
+    blocks = json.loads(config.read_text()).get("block_out_channels") or [0] * 4
+    return 2 ** (len(blocks) - 1)
+
+
+def sample_pixels(s: Settings) -> int:
+    """Side in pixels of the decoded samples that FID sees."""
+    if s.teacher.mode == "train":
+        return s.dataset.resolution  # the trained teacher works on the dataset's images
+    fetch = s.teacher.fetch
+    return fetch.resolution * (vae_factor(s.evaluate.vae) if fetch.encoder == LATENT_ENCODER else 1)
+
+
+def _check_dataset(s: Settings, run_dir: Path, report: Report) -> None:
+    ds = s.dataset
+    if ds.toy is not None or (run_dir / "data" / "raw" / ds.archive_name).is_file():
+        return  # made in-pipeline, or already downloaded into the run
+    if ds.source is None:
+        report.problems.append(Finding("dataset.source", "no dataset: set the train archive (URL or path), or "
+                                       "dataset.toy for the toy set"))
+        return
+    local = _local(ds.source)
+    if local is not None and (why := _readable(local)):
+        report.problems.append(Finding("dataset.source", f"{why} (the ImageNet-layout train tar)"))
+    elif _is_url(ds.source) and ds.sha256 is None:
+        report.warnings.append(Finding("dataset.sha256", f"{ds.source} is fetched without a checksum"))
+
+
+def _check_teacher(s: Settings, run_dir: Path, report: Report) -> None:
+    if s.teacher.mode != "fetch" or (run_dir / "teacher" / "net.pt").is_file():
+        return
+    fetch = s.teacher.fetch
+    for role in ("main", "guide"):
+        source, sha256 = getattr(fetch, role), getattr(fetch, f"{role}_sha256")
+        key = f"teacher.fetch.{role}"
+        if source is None:
+            report.problems.append(Finding(key, "teacher.mode is fetch: name the EDM2 pickle (URL or path)"))
+        elif (local := _local(source)) is not None and (why := _readable(local)):
+            report.problems.append(Finding(key, why))
+        elif _is_url(source) and sha256 is None:
+            report.warnings.append(Finding(f"{key}_sha256", f"{source} is fetched without a checksum"))
+
+
+def _check_fid(s: Settings, report: Report) -> None:
+    ev = s.evaluate
+    if ev.inception.weights is None:
+        if ev.require_fid:
+            report.problems.append(Finding("evaluate.inception.weights", "evaluate.require_fid is true but no "
+                                           "Inception weights are set (pt_inception-2015-12-05-6726825d.pth)"))
+        return
+    weights = ev.inception.weights
+    if (local := _local(weights)) is not None and (why := _readable(local)):
+        report.problems.append(Finding("evaluate.inception.weights", why))
+    elif _is_url(weights) and ev.inception.sha256 is None and hash_prefix(weights.rsplit("/", 1)[-1]) is None:
+        report.warnings.append(Finding("evaluate.inception.sha256", f"{weights} is fetched without a checksum "
+                                       "(and its name carries no hash prefix)"))
+    latent = s.teacher.mode == "fetch" and s.teacher.fetch.encoder == LATENT_ENCODER
+    if latent and ev.vae is None:
+        report.problems.append(Finding("evaluate.vae", f"the teacher works in {LATENT_ENCODER} latents: FID needs "
+                                       "the local diffusers folder of stabilityai/sd-vae-ft-mse to decode samples"))
+    elif latent and not (Path(ev.vae) / "config.json").is_file():
+        report.problems.append(Finding("evaluate.vae", f"{ev.vae} is not a diffusers AutoencoderKL folder "
+                                       "(no config.json)"))
+    _check_ref_stats(s, report)
+
+
+def _check_ref_stats(s: Settings, report: Report) -> None:
+    ref = s.evaluate.ref_stats
+    if ref.source is not None:
+        if (local := _local(ref.source)) is not None and (why := _readable(local)):
+            report.problems.append(Finding("evaluate.ref_stats.source", why))
+        elif _is_url(ref.source) and ref.sha256 is None:
+            report.warnings.append(Finding("evaluate.ref_stats.sha256", f"{ref.source} is fetched without a "
+                                           "checksum"))
+        return
+    images, samples = s.dataset.resolution, sample_pixels(s)
+    if images != samples:
+        finding = Finding("evaluate.ref_stats.source", f"statistics computed here come from {images} px images "
+                          f"(dataset.resolution) while the samples are {samples} px: the FID is not comparable to "
+                          f"published numbers; provide {samples} px reference statistics (or set "
+                          "evaluate.ref_stats.on_mismatch: warn)")
+        (report.problems if ref.on_mismatch == "error" else report.warnings).append(finding)
+
+
+def check(s: Settings, run_dir) -> Report:
+    """Every problem and warning of config `s` for the run folder `run_dir` (see the module doc)."""
+    report = Report()
+    run_dir = Path(run_dir)
+    _check_dataset(s, run_dir, report)
+    _check_teacher(s, run_dir, report)
+    _check_fid(s, report)
+    return report
