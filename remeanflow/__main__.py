@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from . import config, generate, provenance, settings, status
+from . import config, generate, plan, provenance, settings, status
 
 PROVENANCE_EXIT_CODES = """exit codes: 0 = everything verified (or lineage printed without --verify);
 1 = something changed or is missing (each listed), or a sidecar in the lineage is unreadable;
@@ -95,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/rehearsal-assets", help="asset folder (default: %(default)s)")
     p.set_defaults(func=_rehearsal_assets)
     status.add_parser(sub)
+    plan.add_parser(sub)
     generate.add_sample_parser(sub)
     generate.add_export_parser(sub)
     args = parser.parse_args(argv)
