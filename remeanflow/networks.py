@@ -33,6 +33,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .misc import one_hot  # noqa: F401  (networks.one_hot: the labels the nets take)
+
 # ----------------------------------------------------------------------------------------------
 # Magnitude-preserving primitives (EDM2 section 3 and appendix B).
 
@@ -447,28 +449,6 @@ class UNet(torch.nn.Module):
 
 # ----------------------------------------------------------------------------------------------
 # Preconditioning: EDM denoiser and its flow-form average velocity.
-
-
-def one_hot(labels: torch.Tensor, label_dim: int) -> torch.Tensor:
-    """Integer class indices -> one-hot rows; index -1 is the null class (all zeros, for CFG).
-
-    One-hot rows (floating point) are only shape-checked and cast: the path every net call takes,
-    free of host synchronisation. Class indices are range-checked, which reads min/max back to the
-    host (a sync on a GPU tensor): convert them once per batch, outside the per-step net calls
-    (`sampling.edm_heun`, `meanflow_sample` and the training loss do), not inside every call.
-    """
-    if labels.dtype.is_floating_point:
-        if labels.ndim != 2 or labels.shape[1] != label_dim:
-            raise ValueError(f"one-hot class labels must have shape [N, {label_dim}], got {tuple(labels.shape)}")
-        return labels.to(torch.float32)
-    if labels.ndim != 1:
-        raise ValueError(f"class indices must be a vector [N], got shape {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < -1 or labels.max() >= label_dim):
-        raise ValueError(f"class indices must lie in [-1, {label_dim - 1}] (-1 = null class)")
-    # A comparison with the class range instead of boolean indexing (whose data-dependent shape is
-    # another sync); -1 matches no class, so null rows stay zero.
-    classes = torch.arange(label_dim, device=labels.device)
-    return (labels.long()[:, None] == classes).to(torch.float32)
 
 
 def _weight_groups(module: torch.nn.Module) -> list[list[torch.nn.Parameter]]:

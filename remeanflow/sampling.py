@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import tqdm
 
-from .networks import one_hot
+from .misc import one_hot
 
 T_MAX = 80 / 81  # flow time of sigma = 80, the EDM sigma_max: sigma = t / (1 - t)
 

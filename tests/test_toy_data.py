@@ -79,9 +79,17 @@ def test_classes_differ_and_images_within_a_class_vary(archive):
 
 
 @pytest.mark.parametrize(
-    "kwargs", [dict(num_classes=0), dict(num_classes=41), dict(images_per_class=0), dict(size=4)]
+    "kwargs", [dict(num_classes=0), dict(num_classes=1001), dict(images_per_class=0), dict(size=4)]
 )
 def test_bad_arguments_are_rejected_without_output(tmp_path, kwargs):
     with pytest.raises(ValueError):
         toy.write_toy_archive(tmp_path / "x.tar", **kwargs)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_classes_beyond_the_40_looks_repeat_a_look_under_their_own_synset():
+    assert toy.class_name(3) == "red cross" and toy.class_name(43) == "red cross #1"
+    assert toy.synset_name(43) != toy.synset_name(3)
+    # the same look, different images (each class draws its own jitter)
+    a, b = (np.asarray(toy.render_image(k, 0, size=24, seed=0), dtype=np.float64) for k in (3, 43))
+    assert np.abs(a - b).mean() > 1
