@@ -91,5 +91,5 @@ def test_classes_beyond_the_40_looks_repeat_a_look_under_their_own_synset():
     assert toy.class_name(3) == "red cross" and toy.class_name(43) == "red cross #1"
     assert toy.synset_name(43) != toy.synset_name(3)
     # the same look, different images (each class draws its own jitter)
-    a, b = (np.asarray(toy.render_image(k, 0, size=24, seed=0), dtype=np.float64) for k in (3, 43))
-    assert np.abs(a - b).mean() > 1
+    a, b = (toy.render_image(k, 0, size=24, seed=0) for k in (3, 43))
+    assert a.size != b.size or np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).mean() > 1
