@@ -11,6 +11,8 @@ Who uses what:
   (config `couplings.precision`), and `FastDenoiser` + `fast_edm_heun` when
   `couplings.fast_path` is on (compiled on CUDA; eager, without CUDA graphs, on the CPU);
 * the training loss (`train_loss.meanflow_loss_fn`): `autocast`, `compile_fn`, channels-last;
+* held-out couplings and evaluation (`heldout`, `evaluate`): `autocast` (configs
+  `couplings.precision`, `evaluate.precision`) and `precision_record`;
 * `benchmarks/gpu_bench.py` / `benchmarks/train_step.py`: all of the above plus the rest
   (`CudaGraphCall`, `use_sdpa_attention`, channels-last, `compile_fn`, `forward_flops`,
   `relative_error`).
@@ -104,6 +106,20 @@ def autocast(device: torch.device | str, precision: str, cache_enabled: bool = T
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype, cache_enabled=cache_enabled)
+
+
+def precision_record(device: torch.device | str, precision: str) -> str:
+    """What a precision name means on `device`, for metrics and sidecars: on CUDA, "fp32" runs
+    convolutions (and matmuls, when enabled) in TF32 unless torch is told otherwise, and the
+    record says so instead of claiming plain fp32."""
+    check_precision(precision)
+    if torch.device(device).type != "cuda":
+        return precision if precision == "fp32" else f"{precision} autocast"
+    if precision != "fp32":
+        return f"{precision} autocast (cuda)"
+    tf32 = [name for name, on in (("convolutions", torch.backends.cudnn.allow_tf32),
+                                  ("matmuls", torch.backends.cuda.matmul.allow_tf32)) if on]
+    return f"fp32 (cuda; TF32 {' and '.join(tf32)})" if tf32 else "fp32 (cuda, TF32 off)"
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import tqdm
 
-from . import fid, inception, sampling, vae
+from . import accel, fid, inception, sampling, vae
 from .checkpoints import net_sha256
 from .data.preprocess import load_images
 from .figures import grid_indices, save_panels
@@ -123,13 +123,13 @@ def shard_range(num_samples: int, shard: int, num_shards: int) -> tuple[int, int
     return shard * num_samples // num_shards, (shard + 1) * num_samples // num_shards
 
 
-def _decoder_or_none(encoder: dict | None, vae_path, device, need_pixels: bool):
+def _decoder_or_none(encoder: dict | None, vae_path, device, need_pixels: bool, vae_batch: int | None = None):
     """`vae.make_decoder`, or None (with the reason) for a latent net without a VAE when nothing
     needs pixels; with Inception weights configured that is an error instead."""
     if (encoder or {}).get("class_name") == vae.VAE_ENCODER and vae_path is None and not need_pixels:
         return None, ("sampled pixel Fréchet distance skipped: the net works in the latent space of "
                       f"{vae.VAE_ENCODER} and no VAE is configured (evaluate.vae)")
-    return vae.make_decoder(encoder, vae_path, device), None
+    return vae.make_decoder(encoder, vae_path, device, batch_size=vae_batch), None
 
 
 def sample_shard(
@@ -145,7 +145,9 @@ def sample_shard(
     inception_weights=None,
     inception_sha256: str | None = None,
     vae_path=None,
+    vae_batch: int | None = None,
     pixel_resolution: int | None = None,
+    precision: str = "fp32",
     device=None,
     progress: bool = True,
 ) -> dict:
@@ -154,7 +156,9 @@ def sample_shard(
     The ids are `shard_range(num_samples, shard, num_shards)`; noise and classes come from
     (`seed`, id) alone (module docstring). Samples are decoded to uint8 pixels, then reduced to
     `pixel_features` at `pixel_resolution` and, with `inception_weights` (a local file), to
-    InceptionV3 pool features. Returns the shard's attrs.
+    InceptionV3 pool features. The one-step net and the VAE run under `precision` (autocast;
+    decoded in `vae_batch` images at a time), Inception always in float32: its features define the
+    FID, so they stay comparable across runs and to published statistics. Returns the shard's attrs.
     """
     lo, hi = shard_range(num_samples, shard, num_shards)
     require_int("num_classes", num_classes, 1)
@@ -162,7 +166,9 @@ def sample_shard(
     net, info = load_net_and_info(net_path, device)
     if num_classes > net.label_dim:
         raise ValueError(f"{net_path}: label_dim {net.label_dim} is smaller than num_classes={num_classes}")
-    decode, note = _decoder_or_none(info["encoder"], vae_path, device, need_pixels=inception_weights is not None)
+    precision = accel.resolve_precision(precision, device, "evaluate.precision")
+    decode, note = _decoder_or_none(info["encoder"], vae_path, device, need_pixels=inception_weights is not None,
+                                    vae_batch=vae_batch)
     detector = None
     if inception_weights is not None:
         detector = inception.load_inception(inception_weights, inception_sha256, device=device)
@@ -176,10 +182,11 @@ def sample_shard(
                                disable=not progress, leave=False):
             part = ids[start : start + batch]
             noise = sampling.per_sample_noise(seed, part, shape).to(device)
-            x = sampling.one_step(net, noise, labels[start : start + batch].to(device))
-            if decode is None:
-                continue
-            pixels = decode(x)
+            with accel.autocast(device, precision):
+                x = sampling.one_step(net, noise, labels[start : start + batch].to(device)).float()
+                if decode is None:
+                    continue
+                pixels = decode(x)
             image_shape = list(pixels.shape[1:])
             feats["pixels"].append(pixel_features(pixels, pixel_resolution).astype(np.float32))
             if detector is not None:
@@ -193,6 +200,8 @@ def sample_shard(
         features=features, image_shape=image_shape, pixel_resolution=pixel_resolution,
         inception_sha256=None if detector is None else inception.check_sha256(inception_weights, inception_sha256),
         vae=None if vae_path is None else str(vae_path), nfe=1, notes=[] if note is None else [note],
+        precision={"sampling": accel.precision_record(device, precision),
+                   "inception": accel.precision_record(device, "fp32")},
         noise="sampling.per_sample_noise (numpy Philox key [sample_id, seed], stream 0), float32",
     )
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:
@@ -335,7 +344,8 @@ def sampled_metrics(
 # Checkpoint evaluation.
 
 
-def _one_step_samples(net_or_path, heldout: Heldout, *, batch: int, device: torch.device, desc: str, progress: bool):
+def _one_step_samples(net_or_path, heldout: Heldout, *, batch: int, device: torch.device, desc: str, progress: bool,
+                      precision: str = "fp32"):
     """One-step samples x = n - u(n, t_max, 0 | c) of a net for the held-out noise and labels."""
     net, info = load_net_and_info(net_or_path, device)
     expected = heldout.noise.shape[1:]
@@ -345,8 +355,9 @@ def _one_step_samples(net_or_path, heldout: Heldout, *, batch: int, device: torc
     if heldout.labels.max() >= net.label_dim:
         raise ValueError(f"{info['path'] or desc}: label_dim {net.label_dim} too small for held-out labels")
     noise, labels = torch.from_numpy(heldout.noise), torch.from_numpy(heldout.labels)
-    samples = batched(lambda n, c: sampling.one_step(net, n, c), noise, labels, batch=batch, device=device,
-                       desc=desc, progress=progress)
+    with accel.autocast(device, precision):
+        samples = batched(lambda n, c: sampling.one_step(net, n, c), noise, labels, batch=batch, device=device,
+                          desc=desc, progress=progress)
     return samples, info
 
 
@@ -361,9 +372,10 @@ def _check_teacher(teacher_path, heldout: Heldout, heldout_path) -> str | None:
     return digest
 
 
-def _decoded(latents: np.ndarray, encoder: dict, vae_path, device) -> np.ndarray:
+def _decoded(latents: np.ndarray, encoder: dict, vae_path, device, vae_batch: int | None) -> np.ndarray:
     """Latent samples -> pixels in [-1, 1] through the VAE (uint8 on the way, as saved images are)."""
-    pixels = vae.make_decoder(encoder, vae_path, device)(torch.from_numpy(np.ascontiguousarray(latents)))
+    decode = vae.make_decoder(encoder, vae_path, device, batch_size=vae_batch)
+    pixels = decode(torch.from_numpy(np.ascontiguousarray(latents)))
     return (pixels.float() / 127.5 - 1).numpy()
 
 
@@ -386,6 +398,8 @@ def evaluate_checkpoint(
     pixel_ref_stats=None,
     sampled: dict | None = None,
     vae_path=None,
+    vae_batch: int | None = None,
+    precision: str = "fp32",
     device=None,
     progress: bool = True,
 ) -> dict:
@@ -400,7 +414,8 @@ def evaluate_checkpoint(
     samples are decoded), or latent channels 0-2 without one.
     Grid (`figures.save_panels`): one panel per generator (``grid.panels`` of the JSON), each with
     the same held-out samples: `grid_per_class` per class for up to `grid_max_classes` classes
-    (fewer when the panels would exceed `GRID_MAX_PIXELS`), classes as rows; images upscaled by nearest neighbour to at least `grid_min_px` pixels.
+    (fewer when the panels would exceed `GRID_MAX_PIXELS`), classes as rows; images upscaled by
+    nearest neighbour to at least `grid_min_px` pixels. The one-step nets run under `precision`.
 
     `pixel_ref_stats`: precomputed pixel statistics of the dataset (.npz) instead of reading
     `images_store` again. `sampled`: the result of `sampled_metrics` for this checkpoint; its FID
@@ -410,7 +425,9 @@ def evaluate_checkpoint(
     heldout = load_heldout(heldout_path)
     teacher_sha = _check_teacher(teacher_path, heldout, heldout_path)
     device = resolve_device(device)
-    sampler = functools.partial(_one_step_samples, heldout=heldout, batch=batch, device=device, progress=progress)
+    precision = accel.resolve_precision(precision, device, "evaluate.precision")
+    sampler = functools.partial(_one_step_samples, heldout=heldout, batch=batch, device=device, progress=progress,
+                                precision=precision)
     columns, shas = {}, dict(net=None, initial=None, teacher=teacher_sha, guide=heldout.attrs.get("guide_sha256"))
     columns["one_step"], net_info = sampler(net_path, desc="one-step samples")
     shas["net"] = net_info["sha256"]
@@ -458,7 +475,7 @@ def evaluate_checkpoint(
     slots = [np.flatnonzero(heldout.labels[picked] == c) for c in classes]
     shown = {k: np.asarray(columns[k])[picked] for k in columns}
     if decode:
-        shown = {k: _decoded(v, net_info["encoder"], vae_path, device) for k, v in shown.items()}
+        shown = {k: _decoded(v, net_info["encoder"], vae_path, device, vae_batch) for k, v in shown.items()}
 
     def panel(images: np.ndarray) -> np.ndarray:
         blank = np.ones_like(images[:1, :3])
@@ -481,6 +498,7 @@ def evaluate_checkpoint(
         heldout=dict(path=str(heldout_path), sha256=sha256_file(heldout_path), attrs=heldout.attrs),
         reference=reference,
         checkpoints=shas,
+        precision=accel.precision_record(device, precision),
         grid=dict(
             path=str(out_grid_png), panels=list(columns), layout="per panel: classes as rows, samples as columns",
             sample_index=picked.tolist(), labels=heldout.labels[picked].tolist(), size=[width, height],

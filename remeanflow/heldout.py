@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import tqdm
 
-from . import checkpoints, fid, sampling
+from . import accel, checkpoints, fid, sampling
 from .checkpoints import net_sha256
 from .fileio import atomic_path
 from .misc import heun_nfe, require_int
@@ -111,6 +111,7 @@ def make_heldout(
     rho: float = 7,
     guidance: float,
     batch: int = 256,
+    precision: str = "fp32",
     device=None,
     progress: bool = True,
 ) -> dict:
@@ -118,7 +119,9 @@ def make_heldout(
 
     `teacher` / `guide` are Preconds or project checkpoint paths (`guide` may be None when
     guidance == 1). `seed` must differ from the training couplings' seed (module docstring).
-    The teacher runs in float32 on `device` (default: CUDA if available). Returns the attrs.
+    The teacher runs on `device` (default: CUDA if available) under `precision` (the couplings'
+    `couplings.precision`, so that the model is scored against the arithmetic its training
+    couplings came from); the ODE state stays float32. Returns the attrs.
     """
     for name, value in (("num_samples", num_samples), ("num_classes", num_classes), ("heun_steps", heun_steps)):
         require_int(name, value, 1)
@@ -136,9 +139,12 @@ def make_heldout(
     labels = sampling.per_sample_labels(seed, ids, num_classes)
     sampler = dict(sigma_min=sigma_min, sigma_max=sigma_max, rho=rho, guide=guide_net, guidance=guidance)
 
+    precision = accel.resolve_precision(precision, device, "couplings.precision")
+
     def solve(num_steps: int, desc: str) -> np.ndarray:
         fn = functools.partial(sampling.edm_heun, net, num_steps=num_steps, **sampler)
-        return batched(fn, noise, labels, batch=batch, device=device, desc=desc, progress=progress)
+        with accel.autocast(device, precision):
+            return batched(fn, noise, labels, batch=batch, device=device, desc=desc, progress=progress)
 
     arrays = dict(
         noise=noise.numpy(),
@@ -163,7 +169,7 @@ def make_heldout(
         teacher_sha256=net_info["sha256"],
         guide_sha256=guide_info["sha256"],
         noise="sampling.per_sample_noise (numpy Philox key [sample_id, seed], stream 0), float32",
-        precision="fp32",
+        precision=accel.precision_record(device, precision),
         numpy=np.__version__,
     )
     with atomic_path(out_path) as tmp, open(tmp, "wb") as f:

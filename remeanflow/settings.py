@@ -172,7 +172,8 @@ class CouplingSettings(SamplerSettings):
     endpoint_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the teacher endpoint")
     precision: Literal["fp16", "bf16", "fp32"] = setting(
         "fp16", "teacher arithmetic: autocast dtype of the ODE's denoiser evaluations (fp16: EDM2 and the official "
-        "code; fp32: no autocast), on every device (CPU autocast for fp16/bf16); part of the couplings' fingerprint")
+        "code; fp32: no autocast), on every device (CPU autocast for fp16/bf16); part of the couplings' fingerprint; "
+        "the held-out teacher couplings use it too", rules=("couplings_shard", "heldout_couplings"))
     fast_path: bool = setting(False, "the fused guided denoiser of `accel` (channels-last, SDPA attention; compiled "
                               "on CUDA); off until a GPU run of benchmarks/gpu_bench.py shows its numerics")
     truncation_quantile: float = setting(0.9, "keep couplings below this global quantile of mean((n-x)^2)", gt=0,
@@ -343,6 +344,10 @@ class EvalSettings(Section):
     ref_stats: RefStatsSettings = setting(factory=RefStatsSettings, doc="FID reference statistics", rules=())
     vae: Optional[str] = setting(None, "local diffusers AutoencoderKL folder that decodes latent nets to pixels; "
                                  "required for FID of latent nets; never fetched from a hub", rules=())
+    precision: Literal["fp16", "bf16", "fp32"] = setting(
+        "bf16", "autocast of the one-step samples and the VAE decoding (Inception always runs in fp32: its "
+        "features define FID); recorded with what it means on the device (TF32 on CUDA)", rules=(_SHARD, _MERGE))
+    vae_batch: int = setting(32, "images per VAE decode call (memory, not results; EDM2 uses 8)", ge=1, rules=())
     require_fid: bool = setting(True, "stop before the run when FID cannot be computed (no Inception weights, a "
                                 "latent teacher without evaluate.vae); false: FID is skipped and metrics say so",
                                 rules=())

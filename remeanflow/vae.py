@@ -108,7 +108,8 @@ def decode_latents(vae, z: torch.Tensor, encoder: dict, batch_size: int | None =
 # One entry point for both encoders.
 
 
-def make_decoder(encoder: dict | None, vae_path=None, device=None) -> Callable[[torch.Tensor], torch.Tensor]:
+def make_decoder(encoder: dict | None, vae_path=None, device=None,
+                 batch_size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A function from net outputs to uint8 RGB pixels [N, 3, H, W] (CPU) for a net's `encoder`
     settings: StandardRGBEncoder (also when `encoder` is None) needs nothing; StabilityVAEEncoder
     needs `vae_path`, a local diffusers folder."""
@@ -121,5 +122,5 @@ def make_decoder(encoder: dict | None, vae_path=None, device=None) -> Callable[[
                              "set evaluate.vae to a local diffusers folder of that VAE to decode its samples")
         latent_scaling(encoder)  # fail now on bad settings, not after sampling
         vae = load_vae(vae_path, device)
-        return lambda z: decode_latents(vae, z, encoder)
+        return lambda z: decode_latents(vae, z, encoder, batch_size)
     raise ValueError(f"unknown encoder {name!r}: expected {PIXEL_ENCODER} or {VAE_ENCODER}")

@@ -96,21 +96,10 @@ def job_counts(text: str) -> dict[str, int]:
 
 
 def save_tiny_vae(path: Path) -> Path:
-    """A tiny SD-style diffusers AutoencoderKL (4 latent channels, 2x down/upsampling) saved with
-    save_pretrained. The decoder's output convolution gets a bias of 0.5 so that decoded pixels
-    spread over (0, 1) instead of sitting at the clamp."""
-    import diffusers
+    """A tiny SD-style diffusers AutoencoderKL (4 latent channels, 2x down/upsampling), random weights."""
+    from remeanflow.rehearsal import save_random_vae
 
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    )
-    with torch.no_grad():
-        model.decoder.conv_out.bias.fill_(0.5)
-    model.save_pretrained(path)
-    return path
+    return save_random_vae(path, block_out_channels=(8, 16))
 
 
 def complete_preset(workdir: Path, preset: str) -> Path:

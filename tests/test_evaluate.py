@@ -389,3 +389,41 @@ def test_merge_shards_demands_exactly_the_configured_samples(setup, tmp_path):
     np.savez(tmp_path / "bad.npz", **dict(arrays, f_pixels=arrays["f_pixels"][:, :5]))
     with pytest.raises(ValueError, match=r"bad\.npz: 'f_pixels' must be finite \[3, 192\]"):
         evaluate.load_shard(tmp_path / "bad.npz")
+
+
+def test_evaluation_precision_is_applied_and_recorded_honestly(setup, inception_weights, tmp_path):
+    """evaluate.precision runs the one-step net under autocast and says so; Inception stays fp32;
+    the held-out teacher takes the couplings' precision."""
+    paths, _ = setup
+    fp32, bf16 = (tmp_path / f"{p}.npz" for p in ("fp32", "bf16"))
+    for precision, out in (("fp32", fp32), ("bf16", bf16)):
+        evaluate.sample_shard(paths["teacher"], out, shard=0, num_shards=1, **SHARDED, precision=precision,
+                              inception_weights=inception_weights)
+    a, b = evaluate.load_shard(fp32), evaluate.load_shard(bf16)
+    assert a.attrs["precision"] == {"sampling": "fp32", "inception": "fp32"}
+    assert b.attrs["precision"] == {"sampling": "bf16 autocast", "inception": "fp32"}
+    pa, pb = a.features["pixels"], b.features["pixels"]
+    assert not np.array_equal(pa, pb) and np.abs(pa - pb).max() < 0.1 * np.abs(pa).max()  # ran in bf16, close
+    with pytest.raises(ValueError, match="evaluate.precision"):
+        evaluate.sample_shard(paths["teacher"], tmp_path / "x.npz", shard=0, num_shards=1, **SHARDED, precision="fp8")
+    # the held-out teacher in bf16: other endpoints, recorded
+    out = tmp_path / "heldout_bf16.npz"
+    attrs = heldout.make_heldout(paths["teacher"], paths["guide"], out, **HELDOUT, precision="bf16")
+    assert attrs["precision"] == "bf16 autocast" and heldout.load_heldout(paths["heldout"]).attrs["precision"] == "fp32"
+    assert not np.array_equal(heldout.load_heldout(out).teacher_endpoint,
+                              heldout.load_heldout(paths["heldout"]).teacher_endpoint)
+
+
+def test_precision_record_names_tf32_on_cuda():
+    from remeanflow import accel
+
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        assert accel.precision_record("cuda", "fp32") == "fp32 (cuda; TF32 convolutions)"
+        torch.backends.cudnn.allow_tf32 = False
+        assert accel.precision_record("cuda", "fp32") == "fp32 (cuda, TF32 off)"
+        assert accel.precision_record("cuda:0", "bf16") == "bf16 autocast (cuda)"
+        assert accel.precision_record("cpu", "fp32") == "fp32"
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

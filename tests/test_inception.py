@@ -8,7 +8,6 @@ distance between 2048-d statistics costs seconds, and the workflow tests compute
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -18,24 +17,7 @@ from conftest import import_pytorch_fid
 
 from remeanflow import inception
 from remeanflow.fileio import sha256_file
-
-
-def random_inception(seed: int) -> inception.InceptionV3:
-    """Random weights that keep activations O(1) through all 94 layers (He-normal convolutions,
-    BatchNorm statistics away from the identity), so that a wrong pooling or padding is visible in
-    the features; PyTorch's default init makes them vanish (~1e-7) and hides such differences."""
-    torch.manual_seed(seed)
-    model = inception.InceptionV3()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.Conv2d):
-                m.weight.normal_(0, math.sqrt(2 / m.weight[0].numel()))
-            elif isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.uniform_(0.8, 1.2)
-                m.bias.normal_(0, 0.1)
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-    return model.eval()
+from remeanflow.rehearsal import random_inception  # noqa: F401  (other tests import it from here)
 
 
 def smooth_images(seed: int, n: int, size: int = 24) -> torch.Tensor:

@@ -19,5 +19,5 @@ with step(smk) as s:
         smk.input.net, smk.input.heldout, smk.input.images, smk.output.metrics, smk.output.grid,
         teacher_path=smk.input.teacher, initial_path=smk.input.initial, pixel_ref_stats=smk.input.pixel_stats,
         sampled=sampled, batch=ev.batch, grid_per_class=ev.grid_per_class, pixel_resolution=ev.pixel_resolution,
-        vae_path=vae[0] if (vae := list(smk.input.vae)) else None,
+        vae_path=vae[0] if (vae := list(smk.input.vae)) else None, vae_batch=ev.vae_batch, precision=ev.precision,
     )

@@ -15,5 +15,6 @@ with step(smk) as s:
         num_samples=ev.fid_samples, seed=ev.seed,
         num_classes=len(zarr.open_group(smk.input.images, mode="r").attrs["synsets"]), batch=ev.batch,
         inception_weights=weights[0] if weights else None, inception_sha256=ev.inception.sha256,
-        vae_path=vae[0] if vae else None, pixel_resolution=ev.pixel_resolution,
+        vae_path=vae[0] if vae else None, vae_batch=ev.vae_batch, pixel_resolution=ev.pixel_resolution,
+        precision=ev.precision,
     )

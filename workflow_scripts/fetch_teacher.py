@@ -1,8 +1,8 @@
 """Rule fetch_teacher: download published EDM2 pickles and convert them without running their code."""
 
 from remeanflow.checkpoints import load_edm2_pickle, save_net
-from remeanflow.edm2_pickle import check_declared
 from remeanflow.data.download import download
+from remeanflow.edm2_pickle import check_declared
 from remeanflow.workflow import step
 
 smk = snakemake  # noqa: F821

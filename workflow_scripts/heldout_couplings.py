@@ -12,5 +12,5 @@ with step(smk) as s:
     num_classes = len(zarr.open_group(smk.input.images, mode="r").attrs["synsets"])
     s.extra["summary"] = make_heldout(
         smk.input.teacher, smk.input.guide, smk.output[0], num_samples=ev.num_samples, seed=ev.seed,
-        num_classes=num_classes, batch=ev.batch, **sampler.to_dict(),
+        num_classes=num_classes, batch=ev.batch, precision=s.settings.couplings.precision, **sampler.to_dict(),
     )
