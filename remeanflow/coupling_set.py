@@ -5,18 +5,26 @@ Manifest (``reflow/manifest.json``, format ``MANIFEST_FORMAT``; `docs/architectu
 its path (relative to the manifest), range, count, chunk count and store checksum
 (`couplings.store_checksum`); the shape, dtypes, seed, chunk and class count shared by all shards;
 the fingerprint of the teacher/config that made them and its hash; the index hash; the truncation;
-distance statistics with a histogram. `merge_shards` writes it atomically, after verifying every
+distance statistics with a histogram; the keep mask (``keep_mask``: every coupling's keep flag, in
+sample-id order, bit-packed and base64-encoded, with its sha256 and counts) so that training never
+recomputes the distances. `merge_shards` writes it atomically, after verifying every
 shard (`couplings.scan_shard`: every chunk against its recorded digests, ids, labels, finite values)
 and checking that the shards agree and tile the index exactly.
 
 Truncation (`docs/method.md`, distance truncation): the threshold is computed once, at merge, over
 the distances `couplings.coupling_distance` of all couplings (a quantile, or a fixed value), and
-training keeps the couplings with distance <= threshold.
+training keeps the couplings with distance <= threshold. The merge stores the resulting flags in the
+manifest (``keep_mask``), so the training stream takes them from there instead of recomputing a
+float64 distance per coupling per epoch; they are the same flags bit for bit, being the same
+comparison of the same float64 distances. A manifest of format ``.../1`` (written before the mask
+was stored) is still read: its keep flags are recomputed from each chunk, with a warning saying to
+rerun the merge.
 
 Reading for training: `open_couplings` returns a `CouplingReader`, which checks each shard against
 the manifest (attributes only), loads each shard's chunk digests (the ``digest`` array,
 `couplings` module docstring) and reads whole generation chunks (`ChunkRef`), checking every chunk
-it reads against its digests and adding each sample's distance and keep flag. A changed, missing
+it reads against its digests and adding each sample's keep flag (and, unless asked not to, its
+distance). A changed, missing
 or unreadable chunk raises `couplings.CorruptChunkError` (shard, chunk, array, what to do): bad
 couplings never reach training. The merge verifies every chunk the same way (`couplings.scan_shard`).
 A shard written before chunk digests is refused (`couplings.PreDigestShardError`).
@@ -27,7 +35,11 @@ import this module, so the shard job's code version does not depend on it.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,9 +70,14 @@ from .meanflow import truncation_mask, truncation_threshold
 from .misc import diff_keys, require_int
 from .reflow_index import ReflowIndex, load_index
 
-MANIFEST_FORMAT = "remeanflow.couplings.manifest/1"
+MANIFEST_FORMAT = "remeanflow.couplings.manifest/2"
+# Still read: the same manifest without `keep_mask` (the keep flags are then recomputed per chunk).
+_MANIFEST_FORMATS_WITHOUT_MASK = ("remeanflow.couplings.manifest/1",)
+KEEP_MASK_ENCODING = "numpy.packbits(bitorder='little'), base64"
 # Attributes that must agree between shards of one coupling set (besides the fingerprint).
 _GENERATION_KEYS = ("seed", "shape", "chunk", "noise_dtype", "endpoint_dtype", "num_shards", "num_classes")
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,13 +115,16 @@ def merge_shards(
         })
     d = np.concatenate(distances)
     first = shards[0][1]
+    trunc = truncation(d, quantile=quantile, fixed_threshold=fixed_threshold)
+    keep = np.ones(d.size, bool) if trunc["threshold"] is None else truncation_mask(d, trunc["threshold"])
     manifest = {
         "format": MANIFEST_FORMAT, "shards": entries, "total": int(d.size),
         **{k: first[k] for k in ("chunk", "shape", "noise_dtype", "endpoint_dtype", "seed", "num_classes")},
         "fingerprint": first["fingerprint"], "fingerprint_hash": first["fingerprint_hash"],
         "index_hash": index.index_hash,
-        "truncation": truncation(d, quantile=quantile, fixed_threshold=fixed_threshold),
+        "truncation": trunc,
         "distance_stats": distance_stats(d, histogram_bins),
+        "keep_mask": encode_keep_mask(keep),  # last: a long line nobody needs to read
     }
     with atomic_path(manifest_path) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1, allow_nan=False))
@@ -182,6 +202,46 @@ def distance_stats(d: np.ndarray, bins: int) -> dict[str, Any]:
     }
 
 
+def encode_keep_mask(keep: np.ndarray) -> dict[str, Any]:
+    """The manifest entry for per-coupling keep flags (sample-id order): one bit per coupling.
+
+    Inside the manifest rather than in a file beside it, so that it is written atomically with the
+    threshold it derives from and covered by whatever records the manifest's checksum; 1.28M
+    couplings take ~210 kB of base64."""
+    keep = np.asarray(keep, dtype=bool)
+    packed = np.packbits(keep, bitorder="little").tobytes()
+    return {"encoding": KEEP_MASK_ENCODING, "count": int(keep.size), "kept": int(np.count_nonzero(keep)),
+            "sha256": hashlib.sha256(packed).hexdigest(), "data": base64.b64encode(packed).decode("ascii")}
+
+
+def decode_keep_mask(manifest: dict[str, Any], manifest_path) -> np.ndarray:
+    """The bool keep flags of every coupling stored in `manifest` (read from `manifest_path`),
+    checked against the entry's sha256 and against the manifest's total and truncation counts."""
+    entry = manifest.get("keep_mask")
+    redo = "rerun the couplings_merge rule (coupling_set.merge_shards) to rewrite the manifest"
+
+    def bad(why: str) -> CouplingStoreError:
+        return CouplingStoreError(f"{manifest_path}: key 'keep_mask' {why}; {redo}")
+
+    if not isinstance(entry, dict):
+        raise bad(f"is missing or not an object (format {manifest.get('format')!r} stores the keep flags there)")
+    if entry.get("encoding") != KEEP_MASK_ENCODING:
+        raise bad(f"has encoding {entry.get('encoding')!r}, expected {KEEP_MASK_ENCODING!r}")
+    try:
+        packed = base64.b64decode(entry["data"], validate=True)
+    except (KeyError, TypeError, binascii.Error) as e:
+        raise bad(f"has no readable 'data' ({type(e).__name__}: {e})") from e
+    if hashlib.sha256(packed).hexdigest() != entry.get("sha256"):
+        raise bad("does not match its sha256 (the mask was changed after the merge)")
+    total, kept = int(manifest["total"]), manifest["truncation"]["kept"]
+    if entry.get("count") != total or len(packed) != -(-total // 8):
+        raise bad(f"holds {entry.get('count')!r} flags in {len(packed)} bytes for {total} couplings")
+    keep = np.unpackbits(np.frombuffer(packed, np.uint8), count=total, bitorder="little").astype(bool)
+    if int(np.count_nonzero(keep)) != kept or entry.get("kept") != kept:
+        raise bad(f"keeps {int(np.count_nonzero(keep))} couplings but 'truncation' says {kept}")
+    return keep
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading for training
 
@@ -212,8 +272,9 @@ class CouplingReader:
             self.manifest = json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise CouplingStoreError(f"{manifest_path}: cannot read coupling manifest: {e}") from e
-        if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise CouplingStoreError(f"{manifest_path}: format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        fmt = self.manifest.get("format")
+        if fmt != MANIFEST_FORMAT and fmt not in _MANIFEST_FORMATS_WITHOUT_MASK:
+            raise CouplingStoreError(f"{manifest_path}: format {fmt!r}, expected {MANIFEST_FORMAT!r}")
         base = self.manifest_path.parent
         self.shard_paths = [base / s["path"] for s in self.manifest["shards"]]
         opened = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
@@ -224,6 +285,14 @@ class CouplingReader:
                          for p, a in zip(self.shard_paths, self._arrays)]
         self.chunks = [ref for k in range(len(self.shard_paths)) for ref in self._shard_chunks(k)]
         self.threshold: float | None = self.manifest["truncation"]["threshold"]
+        # Keep flags of every coupling by sample id; None: recomputed from each chunk read.
+        self.keep: np.ndarray | None = None
+        if fmt == MANIFEST_FORMAT:
+            self.keep = decode_keep_mask(self.manifest, self.manifest_path)
+        else:
+            log.warning("%s: manifest format %r stores no keep mask, so every chunk read recomputes its couplings' "
+                        "distances (same result, more CPU); rerun the couplings_merge rule to store the mask",
+                        self.manifest_path, fmt)
 
     def _open_checked(self, path: Path, entry: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
         """Open a shard and check it is the one the manifest lists (cheap: attributes only)."""
@@ -252,8 +321,11 @@ class CouplingReader:
     def fingerprint(self) -> dict[str, Any]:
         return self.manifest["fingerprint"]
 
-    def read_chunk(self, i: int) -> dict[str, np.ndarray]:
-        """Chunk i as numpy: noise, endpoint, label, sample_id, plus distance and keep (truncation).
+    def read_chunk(self, i: int, *, distance: bool = True) -> dict[str, np.ndarray]:
+        """Chunk i as numpy: noise, endpoint, label, sample_id, keep (truncation) and, with
+        `distance`, each coupling's distance. distance=False (training) takes keep from the
+        manifest's stored mask, skipping the float64 pass over the data (recomputed only for a
+        manifest without a mask).
 
         With `verify`, CorruptChunkError if the chunk no longer matches the digests recorded when
         it was written (changed bytes, a missing or unreadable chunk file)."""
@@ -264,8 +336,13 @@ class CouplingReader:
                                      self._algorithms[ref.shard])
         else:
             out = {name: read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in DATA_ARRAYS}
-        out["distance"] = coupling_distance(out["noise"], out["endpoint"])
-        out["keep"] = np.ones(len(out["label"]), bool) if self.threshold is None else out["distance"] <= self.threshold
+        if not distance and self.keep is not None:
+            out["keep"] = self.keep[ref.start : ref.stop].copy()
+            return out
+        d = coupling_distance(out["noise"], out["endpoint"])
+        out["keep"] = np.ones(len(out["label"]), bool) if self.threshold is None else d <= self.threshold
+        if distance:
+            out["distance"] = d
         return out
 
     def check_fingerprint(self, expected: dict[str, Any]) -> None:

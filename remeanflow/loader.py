@@ -34,6 +34,22 @@ numbers of couplings per epoch, so they drift apart slowly) -- usually less than
 another layout (with a warning, since the run then stops being bit-identical to an uninterrupted
 one).
 
+Prefetch. A window is a pure function of its position (epoch, window), and the position that follows
+it is known in advance, so with `prefetch=True` (what `open_stream` gives training) a background
+thread reads the next window while the batches of the current one are drawn: reading the Zarr
+chunks, checking their digests and the numpy copies release the GIL, so the step loop no longer
+stalls for a whole window read at every window boundary (benchmarks/stream_prefetch.py). At most one
+window is read ahead (memory: the current window plus one), and the batches are exactly those of
+the synchronous stream -- same windows, same shuffles, same positions and `state_dict()`. An error
+of the background read (e.g. `couplings.CorruptChunkError`) is raised by the `next()` that needs
+that window, the same exception with the same message, after the batches before it; an error of a
+window never needed is never raised. `close()` (or leaving a `with` block) waits for the read in
+flight and stops prefetching; without it the thread ends by itself once its one window is read.
+
+The keep flags come from the mask the merge stored in the manifest (`coupling_set`), not from
+recomputing every coupling's distance; a manifest written before the mask still works, recomputing
+them (`coupling_set.CouplingReader`, with a warning).
+
 Every chunk a window reads is checked against the digests recorded when it was written
 (`coupling_set.CouplingReader.read_chunk`): a changed, missing or unreadable chunk file raises
 `couplings.CorruptChunkError` (naming the shard, the chunk and how to regenerate it) before any of
@@ -45,7 +61,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -100,6 +118,44 @@ def _check_state_format(state: Any) -> None:
         require_int(f"state[{k!r}]", state.get(k), 0)
 
 
+@dataclass(frozen=True)
+class _Window:
+    """The kept samples of one window, shuffled, and its kept / total coupling counts."""
+
+    samples: dict[str, np.ndarray]
+    kept: int
+    total: int
+
+
+class _WindowRead:
+    """One window being read by a background thread; `result()` returns it or raises its error."""
+
+    def __init__(self, key: tuple[int, int], read: Callable[[int, int], _Window]):
+        self.key = key
+        self._window: _Window | None = None
+        self._error: BaseException | None = None
+        # Not a daemon: a read in flight at interpreter exit finishes instead of being frozen mid-call
+        # inside zarr/numpy; it lasts one window read at most.
+        self._thread = threading.Thread(target=self._run, args=(read,), name=f"coupling-window-{key[0]}-{key[1]}")
+        self._thread.start()
+
+    def _run(self, read: Callable[[int, int], _Window]) -> None:
+        try:
+            self._window = read(*self.key)
+        except BaseException as e:  # handed to the step loop, which raises it; nothing is lost here
+            self._error = e
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def result(self) -> _Window:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._window is not None
+        return self._window
+
+
 def first_unstarted_epoch(states: list[dict[str, Any]]) -> int:
     """The first epoch from which none of the saved rank positions `states` has drawn a sample.
 
@@ -124,7 +180,8 @@ class CouplingStream(Iterator[dict[str, Any]]):
     manifest's truncation (every coupling is used). expected_fingerprint: a subset of the
     fingerprint the couplings must have been made with. state: a `state_dict()` of a stream with
     the same settings, to resume. relayout: instead, the states of every rank of a layout with
-    another world size or per-rank batch (module docstring, "Another layout").
+    another world size or per-rank batch (module docstring, "Another layout"). prefetch: read the
+    next window in a background thread (module docstring, "Prefetch"); the batches are the same.
     """
 
     def __init__(
@@ -140,6 +197,7 @@ class CouplingStream(Iterator[dict[str, Any]]):
         state: dict[str, Any] | None = None,
         relayout: list[dict[str, Any]] | None = None,
         expected_fingerprint: dict[str, Any] | None = None,
+        prefetch: bool = False,
     ):
         require_int("batch_size", batch_size, 1)
         require_int("world_size", world_size, 1)
@@ -169,9 +227,15 @@ class CouplingStream(Iterator[dict[str, Any]]):
             self.epoch = first_unstarted_epoch(relayout)
         self._samples: dict[str, np.ndarray] | None = None  # the current window, shuffled
         self._window_kept = self._window_total = 0
-        self._chunks, self._chunks_epoch = np.empty(0, np.int64), -1
+        # {epoch: this rank's chunks}, replaced whole (never mutated) so that the prefetch thread and
+        # the step loop can both use it without a lock; at most two epochs.
+        self._chunk_cache: dict[int, np.ndarray] = {}
         # True while every window read in this epoch, from its first, had no kept sample.
         self._epoch_empty = self.window == 0 and self.offset == 0
+        self.prefetch = bool(prefetch)
+        self._pending: _WindowRead | None = None
+        if self.prefetch:  # the first window is read while the caller sets up the rest of training
+            self._pending = _WindowRead((self.epoch, self.window), self._read_window)
 
     # -- position ------------------------------------------------------------------------------
 
@@ -215,27 +279,66 @@ class CouplingStream(Iterator[dict[str, Any]]):
 
     def epoch_chunks(self, epoch: int) -> np.ndarray:
         """This rank's chunk indices for `epoch`: every world_size-th entry of the permuted list."""
-        if self._chunks_epoch != epoch:  # cached: a permutation of all chunks is not free for big sets
+        cache = self._chunk_cache
+        chunks = cache.get(epoch)
+        if chunks is None:  # cached: a permutation of all chunks is not free for big sets
             order = np.random.default_rng(keyed_seed(_CHUNK_ORDER, self.seed, epoch)).permutation(len(self.reader))
-            self._chunks, self._chunks_epoch = order[self.rank :: self.world_size], epoch
-        return self._chunks
+            chunks = order[self.rank :: self.world_size]
+            # the step loop's epoch and the prefetched one
+            self._chunk_cache = {**dict(list(cache.items())[-1:]), epoch: chunks}
+        return chunks
 
     def num_windows(self, epoch: int) -> int:
         return -(-len(self.epoch_chunks(epoch)) // self.window_chunks)
 
     # -- data ----------------------------------------------------------------------------------
 
-    def _load_window(self) -> None:
-        """Read the whole chunks of window (epoch, window), keep the kept samples, shuffle them."""
-        lo = self.window * self.window_chunks
-        parts = [self.reader.read_chunk(int(i)) for i in self.epoch_chunks(self.epoch)[lo : lo + self.window_chunks]]
+    def _read_window(self, epoch: int, window: int) -> _Window:
+        """Read the whole chunks of window (epoch, window), keep the kept samples, shuffle them.
+
+        A pure function of the position (the prefetch thread runs it): it changes no state."""
+        lo = window * self.window_chunks
+        chunks = self.epoch_chunks(epoch)[lo : lo + self.window_chunks]
+        parts = [self.reader.read_chunk(int(i), distance=False) for i in chunks]
         keep = np.concatenate([p["keep"] if self.truncate else np.ones_like(p["keep"]) for p in parts])
-        key = keyed_seed(_WINDOW_SHUFFLE, self.seed, self.epoch, self.rank, self.window)
+        key = keyed_seed(_WINDOW_SHUFFLE, self.seed, epoch, self.rank, window)
         order = np.flatnonzero(keep)[np.random.default_rng(key).permutation(int(keep.sum()))]
         names = ("endpoint", "noise", "label", "sample_id")
-        self._samples = {name: np.concatenate([p[name] for p in parts])[order] for name in names}
-        self._window_kept, self._window_total = len(order), len(keep)
+        return _Window({name: np.concatenate([p[name] for p in parts])[order] for name in names}, len(order), len(keep))
+
+    def _next_position(self, epoch: int, window: int) -> tuple[int, int]:
+        """The window read after (epoch, window), as `_advance_window` moves."""
+        return (epoch, window + 1) if window + 1 < self.num_windows(epoch) else (epoch + 1, 0)
+
+    def _load_window(self) -> None:
+        """Make window (epoch, window) current: the prefetched one if it is that window, else read
+        now; then start reading the one after it."""
+        key = (self.epoch, self.window)
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.key == key:
+            window = pending.result()  # raises the background read's error here, in the step loop
+        else:
+            if pending is not None:  # only if the position was moved by hand: the read is of no use
+                pending.join()
+            window = self._read_window(*key)
+        self._samples, self._window_kept, self._window_total = window.samples, window.kept, window.total
         self._epoch_empty &= self._window_kept == 0
+        if self.prefetch:
+            self._pending = _WindowRead(self._next_position(*key), self._read_window)
+
+    def close(self) -> None:
+        """Stop prefetching: wait for the background read in flight (dropping it and any error it
+        met). The stream stays usable and reads synchronously from here on."""
+        self.prefetch = False
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.join()
+
+    def __enter__(self) -> CouplingStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _advance_window(self) -> None:
         """Move to the next window, or to the first window of the next epoch.
@@ -296,6 +399,7 @@ def open_stream(
     saved_streams: list[dict[str, Any]] | None = None,
     ckpt_path=None,
     step: int | None = None,
+    prefetch: bool = True,
 ) -> CouplingStream:
     """The coupling stream of training process `rank` of `world`: fresh, at its saved position, or
     -- when the saved positions were written by another number of processes -- at the start of the
@@ -304,8 +408,10 @@ def open_stream(
     batch_size: the GLOBAL batch (each process draws batch_size / world). saved_streams: the
     `state_dict()` of every rank of the checkpoint resumed (None: a fresh stream); ckpt_path and
     step only name that checkpoint in the warning that rank 0 logs when the layout changed.
+    prefetch: read the next window in the background (`CouplingStream`; the batches are the same).
     """
-    kw = dict(batch_size=batch_size // world, rank=rank, world_size=world, seed=seed, window_chunks=window_chunks)
+    kw = dict(batch_size=batch_size // world, rank=rank, world_size=world, seed=seed, window_chunks=window_chunks,
+              prefetch=prefetch)
     if saved_streams is None:
         return CouplingStream(reader, **kw)
     saved = saved_streams

@@ -54,9 +54,9 @@ class CountingReader:
         self.calls: list[int] = []
         inner = self.reader.read_chunk
 
-        def counted(i):
+        def counted(i, **kw):
             self.calls.append(i)
-            return inner(i)
+            return inner(i, **kw)
 
         self.reader.read_chunk = counted
 
