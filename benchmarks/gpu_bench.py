@@ -399,7 +399,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (0: torch's default; smoke: 1, small ops on shared cores)")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge", type=Path, nargs="+", default=None, metavar="REPORT",
+                        help="measure nothing: merge the JSON reports of runs of separate --parts into one (--json)")
     args = parser.parse_args(argv)
+    if args.merge is not None:
+        if args.json is None:
+            parser.error("--merge needs --json (where the merged report goes)")
+        return args
     for key, value in (SMOKE_DEFAULTS if args.smoke else GPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -415,8 +421,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def merge_reports(reports: list[dict], names: list[str]) -> dict:
+    """One report from runs of separate --parts (benchmarks/gpu_check.sh runs each part in its own
+    process, so that a slow part leaves the other's figures): the sampler of the run that has one, the
+    training entries of all, every check; targets and the verdict computed again from those."""
+    for report, name in zip(reports, names):
+        if not isinstance(report, dict) or report.get("format") != FORMAT:
+            raise ValueError(f"{name}: key format is {report.get('format') if isinstance(report, dict) else None!r}, "
+                             f"expected {FORMAT!r}")
+    samplers = [(r["sampler"], n) for r, n in zip(reports, names) if "sampler" in r]
+    if len(samplers) > 1:
+        raise ValueError(f"{samplers[0][1]} and {samplers[1][1]} both hold a sampler part: merge runs of different "
+                         "--parts")
+    if len({r["smoke"] for r in reports}) > 1 or len({r["env"].get("device_name") for r in reports}) > 1:
+        raise ValueError(f"{', '.join(names)}: runs of different modes or devices cannot be merged")
+    trains = [r for r in reports if "train" in r]
+    merged = dict(reports[0], merged_from=names, settings=(trains or reports)[0]["settings"],
+                  checks=[c for r in reports for c in r["checks"]])
+    merged.pop("sampler", None)
+    if samplers:
+        merged["sampler"] = samplers[0][0]
+    merged["train"] = [entry for r in trains for entry in r["train"]]
+    merged["targets"] = targets(merged, merged["env"]["device_name"], merged["smoke"])
+    failures = [c["what"] + f": {c['value']} > {c['tolerance']}" for c in merged["checks"] if not c["passed"]]
+    merged["passed"], merged["failures"] = not failures, failures
+    return merged
+
+
+def _merge_main(args: argparse.Namespace) -> int:
+    reports = [json.loads(path.read_text()) for path in args.merge]
+    merged = merge_reports(reports, [str(p) for p in args.merge])
+    with atomic_path(args.json) as tmp:
+        tmp.write_text(json.dumps(_plain(merged), indent=2, allow_nan=False))
+    print(f"merged {len(reports)} reports into {args.json}: passed {merged['passed']}")
+    return 0 if merged["passed"] else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge is not None:
+        return _merge_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 
@@ -277,3 +278,55 @@ def test_coupling_precision_benchmark_smoke(tmp_path):
         # really reduced precision (an error), and the same ODE (far below the endpoints' size)
         assert 0 < entry["rms_error"] <= entry["max_abs_error"]
         assert entry["relative_rms_error"] < 0.05 and entry["seconds_best"] > 0
+
+
+def test_merge_reports_of_separate_parts(bench):
+    env = {"device_name": "cpu"}
+    sampler = dict(format=bench.FORMAT, smoke=True, env=env, settings={"parts": ["sampler"]},
+                   sampler={"heun_steps": 2, "runs": {"reference": {"samples_per_s": 3.0}}},
+                   checks=[dict(what="sampler", value=0.01, tolerance=0.05, passed=True)])
+    train = dict(format=bench.FORMAT, smoke=True, env=env, settings={"parts": ["train"], "train_preset": "toy-16"},
+                 train=[dict(stage=1, batch=2, reference={}, fast={})],
+                 checks=[dict(what="stage 1 batch 2", value=0.5, tolerance=0.02, passed=False)])
+    merged = bench.merge_reports([sampler, train], ["a.json", "b.json"])
+    assert merged["sampler"] == sampler["sampler"] and merged["train"] == train["train"]
+    assert merged["settings"]["train_preset"] == "toy-16" and merged["merged_from"] == ["a.json", "b.json"]
+    assert not merged["passed"] and merged["failures"] == ["stage 1 batch 2: 0.5 > 0.02"]  # a failed check stays
+    with pytest.raises(ValueError, match="a.json and c.json both hold a sampler part"):
+        bench.merge_reports([sampler, train, sampler], ["a.json", "b.json", "c.json"])
+    with pytest.raises(ValueError, match="b.json: key format"):
+        bench.merge_reports([sampler, dict(train, format="other")], ["a.json", "b.json"])
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke(tmp_path):
+    """benchmarks/gpu_check.sh --smoke: gpu_bench.py in its CPU smoke mode, the 512 rehearsal at smaller
+    sizes through real Snakemake on the CPU, and the 512 preset's cost plan from the merged report."""
+    out = tmp_path / "check"
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), str(out), "--smoke"], capture_output=True, text=True,
+                          timeout=900, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    timings = json.loads((out / "timings.json").read_text())
+    assert timings["format"] == "remeanflow.gpu-check/1" and timings["mode"] == "cpu-smoke"
+    assert list(timings["steps"]) == ["bench_sampler", "bench_train", "bench_merge", "rehearsal_assets",
+                                      "rehearsal_run", "plan"]
+    assert all(s["rc"] == 0 and 0 < s["seconds"] <= s["timeout_s"] for s in timings["steps"].values())
+    report = json.loads((out / "gpu_bench.json").read_text())
+    assert report["format"] == "remeanflow.gpu-bench/1" and report["smoke"] and report["passed"]
+    assert report["sampler"]["runs"]["reference"]["samples_per_s"] > 0 and len(report["train"]) == 4
+    for part in ("sampler", "train"):
+        assert part in json.loads((out / f"gpu_bench_{part}.json").read_text())
+    metrics = json.loads((out / "rehearsal_metrics.json").read_text())
+    assert math.isfinite(metrics["fid"])  # the latent samples went through the VAE and Inception
+    plan = json.loads((out / "plan512.json").read_text())
+    assert plan["format"] == "remeanflow.plan/1" and plan["figures"]["measured"]
+    assert "smoke" in plan["figures"]["source"] and plan["couplings"] == 1_281_167 * 4
+    assert "not GPU figures" in (out / "plan512.txt").read_text()
+
+
+def test_gpu_check_usage():
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh")], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
+    proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "/nonexistent/x", "--fast"], capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 2 and "usage" in proc.stderr
