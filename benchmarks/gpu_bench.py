@@ -4,8 +4,10 @@
     with 32 steps (63 evaluations per net), batch 256. Reference: `sampling.edm_heun` eagerly under
     fp16 autocast (the paper's code runs fp16). Fast: `accel.FastDenoiser` (bf16 autocast,
     channels_last, SDPA attention, torch.compile of the fused guided denoiser), with and without
-    CUDA graph replay. Reported: samples/s, FLOPs per sample (torch's FLOP counter on one forward
-    of each net, times the evaluations) and the fraction of the chip's dense bf16 peak.
+    CUDA graph replay; and the coupling job's own generate function (`coupling_job.make_generate_fn`)
+    with `couplings.fast_path` off and on, exactly as the pipeline calls it. Reported: samples/s,
+    FLOPs per sample (torch's FLOP counter on one forward of each net, times the evaluations) and
+    the fraction of the chip's dense bf16 peak.
 (b) Training step, stage 1 and stage 2, batch 16 and 64: time and peak memory
     (torch.cuda.max_memory_allocated over the timed steps). Reference: `jvp="autograd"` (the
     official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: the net's
@@ -54,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import make_batch, nonzero_gains_
 
-from remeanflow import accel, meanflow, misc, networks, sampling, train, train_loss
+from remeanflow import accel, coupling_job, meanflow, misc, networks, sampling, train, train_loss
+from remeanflow.settings import CouplingSettings
 from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
@@ -229,7 +232,30 @@ def sampler_part(args: argparse.Namespace, device: torch.device, peak: float | N
                            passed=run["rel_err"] <= args.sampler_rtol))
         print(f"  {'':18s} x{run['speedup']:.2f} vs reference, endpoint rel. error {run['rel_err']:.2e}")
         out["runs"][name] = run
+    for fast_path in (False, True):
+        name, run, check = pipeline_run(args, main, guide, noise, labels, device, measure, x_ref, fast_path)
+        out["runs"][name] = run
+        checks.append(check)
     return out, checks
+
+
+def pipeline_run(args, main, guide, noise, labels, device, measure, x_ref, fast_path: bool):
+    """The coupling job's own generate function (`coupling_job.make_generate_fn`, as `couplings_shard`
+    calls it, host copy of the endpoints included) with `couplings.fast_path` off or on, at the
+    precision a preset would configure for it; its endpoints are checked against the reference."""
+    precision = args.fast_precision if fast_path else args.reference_precision
+    settings = CouplingSettings(heun_steps=args.heun_steps, guidance=args.guidance, precision=precision,
+                                fast_path=fast_path)
+    # copies: the fast path converts layout and attention of the nets in place
+    generate = coupling_job.make_generate_fn(copy.deepcopy(main), copy.deepcopy(guide), settings, device)
+    name = f"pipeline-{'fast' if fast_path else 'eager'}"
+    run, x = measure(name, lambda: generate(noise, labels), dict(
+        precision=precision, fast_path=fast_path, call="coupling_job.make_generate_fn(...)(noise, labels)"))
+    run["rel_err"] = accel.relative_error(x.to(x_ref.device), x_ref)
+    check = dict(what=f"sampler {name} endpoints vs reference (max per-sample relative L2 error)",
+                 value=run["rel_err"], tolerance=args.sampler_rtol, passed=run["rel_err"] <= args.sampler_rtol)
+    print(f"  {'':18s} endpoint rel. error {run['rel_err']:.2e} (the coupling job's own call)")
+    return name, run, check
 
 
 # ----------------------------------------------------------------------------------------------
