@@ -12,7 +12,9 @@ What is checked (docs/architecture.md, "Checks before the run"):
   needs `evaluate.vae`, a local diffusers folder, to decode its samples for Inception;
 * reference statistics computed here are comparable only when the dataset's images have the size of
   the decoded samples (`evaluate.ref_stats.on_mismatch`: error or warning);
-* URLs fetched without a sha256 to check them against (warning).
+* URLs fetched without a sha256 to check them against (warning);
+* training: `train.compile` with several processes (DDP cannot be traced), a global batch that does
+  not split over the processes.
 """
 
 from __future__ import annotations
@@ -164,6 +166,18 @@ def _check_ref_stats(s: Settings, report: Report) -> None:
         (report.problems if ref.on_mismatch == "error" else report.warnings).append(finding)
 
 
+def _check_training(s: Settings, report: Report) -> None:
+    """What the training processes need (the job re-checks against the devices it gets)."""
+    processes = max(s.train.processes, s.resources_of("train").gpu, 1)
+    if s.train.compile is not None and processes > 1:
+        report.problems.append(Finding("train.compile", f"{s.train.compile} with {processes} processes "
+                                       "(train.processes / resources.train.gpu): torch.compile cannot trace the "
+                                       "DDP-wrapped model; set null, or train one process"))
+    if s.train.batch_size % processes:
+        report.problems.append(Finding("train.batch_size", f"the global batch {s.train.batch_size} does not split "
+                                       f"over {processes} processes (train.processes / resources.train.gpu)"))
+
+
 def check(s: Settings, run_dir) -> Report:
     """Every problem and warning of config `s` for the run folder `run_dir` (see the module doc)."""
     report = Report()
@@ -171,4 +185,5 @@ def check(s: Settings, run_dir) -> Report:
     _check_dataset(s, run_dir, report)
     _check_teacher(s, run_dir, report)
     _check_fid(s, report)
+    _check_training(s, report)
     return report

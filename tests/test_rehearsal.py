@@ -205,6 +205,8 @@ def test_a_complete_config_dry_runs_clean(tmp_path):
     ({"dataset": {"source": "/nonexistent/train.tar"}}, "dataset.source", "does not exist"),
     ({"dataset": {"source": None}}, "dataset.source", "no dataset"),
     ({"teacher": {"fetch": {"guide": None}}}, "teacher.fetch.guide", "name the EDM2 pickle"),
+    ({"train": {"compile": "inductor"}}, "train.compile", "cannot trace the DDP-wrapped model"),
+    ({"train": {"batch_size": 100}}, "train.batch_size", "does not split over 8 processes"),
 ])
 def test_each_missing_item_stops_the_dry_run_naming_its_key(tmp_path, change, key, message):
     complete = complete_preset(tmp_path, "imagenet512")
