@@ -363,7 +363,10 @@ class ResourceSettings(Section):
 
     threads: int = setting(1, "CPU threads", ge=1)
     mem_mb: int = setting(2000, "memory, MB", ge=1)
-    gpu: int = setting(0, "GPUs per job; multi-GPU rules launch one process per GPU", ge=0)
+    gpu: int = setting(0, "GPUs per job (per node with nodes > 1); multi-GPU rules launch one process per GPU", ge=0)
+    nodes: int = setting(1, "machines of a training job (read by the training rules only): one srun task per node "
+                            "starts that node's processes; the global batch splits over nodes x processes per node",
+                         ge=1)
     runtime: int = setting(30, "minutes", ge=1)
     cpus_per_gpu: Optional[int] = setting(None, "Slurm --cpus-per-gpu", ge=1)
     slurm_partition: Optional[str] = setting(None, "Slurm partition")
