@@ -204,6 +204,16 @@ def _int_var(env, key: str) -> int:
         raise RuntimeError(f"{key}={env[key]!r} is not an integer") from None
 
 
+def gpu_resources(nodes: int, gpus_per_node: int) -> dict:
+    """The GPU request of a job's Snakemake resources (rules/training.smk). With several nodes the
+    GPUs of each node go in `gres`, which Slurm reads per node (sbatch --gres=gpu:N --nodes=M):
+    the Slurm plugin passes `gpu` as the job's total (sbatch --gpus=N), and its job step would ask
+    for all of them on the first node."""
+    if nodes == 1 or gpus_per_node == 0:
+        return {"gpu": gpus_per_node}
+    return {"gpu": 0, "gres": f"gpu:{gpus_per_node}"}
+
+
 def under_slurm(env=None) -> bool:
     return bool((os.environ if env is None else env).get("SLURM_JOB_ID"))
 

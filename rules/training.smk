@@ -3,6 +3,9 @@
 # checkpoint in its work folder, which Snakemake does not own and so never deletes.
 
 
+from remeanflow.launch import gpu_resources
+
+
 rule init_time_embedding:
     input:
         teacher=f"{RUN}/teacher/net.pt",
@@ -44,9 +47,10 @@ rule train_stage1:
         "../envs/torch.yaml"
     threads: res("train", "threads")
     resources:
+        **gpu_resources(res("train", "nodes"), res("train", "gpu")),
         mem_mb=res("train", "mem_mb"),
         runtime=res("train", "runtime"),
-        gpu=res("train", "gpu"),
+        nodes=res("train", "nodes"),
     params:
         step=params_of("train_stage1", "train_stage"),
         stage=1,

@@ -118,6 +118,48 @@ def test_slurm_profile_dry_run_asks_for_the_configured_resources(preset, slurm_p
     assert not (tmp_path / "results").exists(), "a dry run must not write anything"
 
 
+class _Resources(dict):
+    """A planned job's resources as the plugin reads them (`.get` and attribute access)."""
+
+    __getattr__ = dict.__getitem__
+
+
+def test_slurm_profile_asks_for_nodes_and_gpus_per_node_of_a_multi_node_training(slurm_plugin, tmp_path):
+    """resources.train.nodes = 2 on the 512 preset: the plugin's own submit string (sbatch) and
+    job-step srun for the planned training jobs: 2 nodes with 8 GPUs each, one task per node."""
+    from snakemake_executor_plugin_slurm.submit_string import get_submit_command
+    from snakemake_executor_plugin_slurm.utils import set_gres_string
+    from snakemake_executor_plugin_slurm_jobstep import get_gpu_setting, get_node_setting
+
+    two = tmp_path / "two_nodes.yaml"
+    two.write_text(yaml.safe_dump({"resources": {"train": {"nodes": 2}}, "train": {"batch_size": 256}}))
+    preset = REPO / "presets" / "imagenet512.yaml"
+    proc = run_snakemake(tmp_path, None, "-n", "--profile", str(SLURM_PROFILE), "--cores", "100000",
+                         "--configfile", str(preset), str(two), str(complete_preset(tmp_path, "imagenet512")))
+    jobs = _planned_jobs(proc.stdout + proc.stderr)
+    want = yaml.safe_load(preset.read_text())["resources"]["train"]
+    trains = [j for j in jobs if j["rule"] in ("train_stage1", "train_stage2")]
+    assert len(trains) == 2
+    for job in trains:
+        res = job["resources"]
+        assert (res["nodes"], res["gres"], res["gpu"]) == ("2", f"gpu:{want['gpu']}", "0"), res
+        assert _chosen_partition(job) in _gpu_partitions(), res
+        plugin_job = SimpleNamespace(name=job["rule"], threads=job["threads"], resources=_Resources(
+            {k: int(v) if v.isdigit() else v for k, v in res.items()}))
+        params = dict(run_uuid="x", slurm_logfile="x.log", comment_str="x", account="", partition="-p gpu",
+                      workdir=str(tmp_path))
+        sbatch = get_submit_command(plugin_job, params) + set_gres_string(plugin_job)
+        assert " --nodes=2 " in sbatch and sbatch.endswith(f" --gres=gpu:{want['gpu']}"), sbatch
+        assert "--gpus" not in sbatch and "--ntasks" not in sbatch, sbatch  # one task per node
+        assert f"--cpus-per-task={want['threads']}" in sbatch and f"--mem {want['mem_mb']}" in sbatch, sbatch
+        # Snakemake's job step on the first node: no GPU count of its own (it gets the job's
+        # GPUs of that node) and srun narrows `--nodes=2` with -n1 to the one node
+        assert get_gpu_setting(plugin_job) == "" and get_node_setting(plugin_job) == "--nodes=2"
+    # the other GPU rules keep asking through `gpu`
+    shard = next(j for j in jobs if j["rule"] == "couplings_shard")
+    assert "gres" not in shard["resources"] and "nodes" not in shard["resources"], shard
+
+
 # -- a real Slurm cluster ------------------------------------------------------------------------
 
 
@@ -248,3 +290,44 @@ def test_tiny_data_half_from_scratch_through_real_slurm(slurm_cluster, tmp_path)
     for jobid, _ in submitted:
         assert _scontrol_job(jobid)["JobState"] == "COMPLETED", jobid
     assert (tmp_path / target).is_file()
+
+
+def test_training_through_real_slurm_takes_the_multi_node_path(slurm_cluster, request, tmp_path):
+    """Stage 1 of the tiny run as a 1-node Slurm job with 2 stand-in GPUs: the job step starts
+    `srun` with one task per node, whose `python -m remeanflow.launch` reads machine rank, main
+    address and port from the Slurm step and launches the node's 2 ranks (the path of a
+    multi-node job, on the one node CI has). Everything upstream is the session's tiny run."""
+    from remeanflow import launch
+
+    _, _, run = request.getfixturevalue("tiny_run")
+    dst = reuse_upstream(run, tmp_path, "slurm_train")
+    for part in ("reflow", "time_emb"):  # copytree keeps mtimes: Snakemake sees them up to date
+        shutil.copytree(run / part, dst / part)
+    train = {"threads": 2, "mem_mb": 1500, "gpu": 2, "nodes": 1, "runtime": 9}
+    cfg = write_config(tmp_path, {"run_name": "slurm_train", "resources": {"train": train},
+                                  "train": {"stage1": {"iterations": 4}}})
+    target = "results/slurm_train/train/stage1/train_state.pt"
+    proc = run_snakemake(tmp_path, cfg, "--profile", str(SLURM_PROFILE), "--slurm-init-seconds-before-status-checks",
+                         "1", target, timeout=600)
+    out = proc.stdout + proc.stderr
+    submitted = re.findall(r"Job \d+ has been submitted with SLURM jobid (\d+) \(log: (\S+?)\)\.?$", out, re.MULTILINE)
+    assert [re.search(r"/rule_(\w+)/", log).group(1) for _, log in submitted] == ["train_stage1"], out[-3000:]
+    jobid, slurm_log = submitted[0][0], Path(submitted[0][1])
+    job = _scontrol_job(jobid)
+    assert job["JobState"] == "COMPLETED", job
+    assert job["NumNodes"] == "1" and job["NumTasks"] == "1" and job["TresPerJob"] == "gres:gpu:2", job
+    assert slurm_log.read_text().count("localrule train_stage1:") == 1, slurm_log.read_text()[-3000:]
+
+    log = (dst / "logs" / "train_stage1.log").read_text()
+    assert re.search(r"starting 1 node\(s\) x 2 process\(es\): srun --overlap --nodes=1 --ntasks=1 "
+                     r"--ntasks-per-node=1 --cpus-per-task=2 ", log), log[-3000:]
+    # srun --label: the node launcher ran as task 0 of the step, its place read from Slurm
+    host = job["NodeList"]
+    port = launch.PORT_BASE + int(jobid) % launch.PORT_SPAN
+    launched = re.findall(r"^(\d+): remeanflow\.launch: machine (\d+) of (\d+), (\d+) process\(es\) here, "
+                          r"main process at (\S+):(\d+)$", log, re.MULTILINE)
+    assert launched == [("0", "0", "1", "2", host, str(port))], log[-3000:]
+    assert (dst / "train" / "stage1" / "net_ema.pt").is_file()
+    metrics = (dst / "train" / "stage1" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 1 + 4, metrics
+    assert not list((dst / "train" / "stage1").glob(".spec-*")), "the launch spec was left behind"
