@@ -128,6 +128,7 @@ def run_shard(spec: dict) -> dict:
             work, index_store=spec["index"], shard=spec["shard"], num_shards=c.num_shards, chunk=c.batch,
             shape=spec["shape"], noise_dtype=c.noise_dtype, endpoint_dtype=c.endpoint_dtype,
             seed=spec["seed"], fingerprint=fingerprint(spec["teacher"], spec["guide"], c, spec["seed"], device),
+            store_noise=c.store_noise,
         )
         bad = couplings.unmark_corrupt_chunks(work, index_store=spec["index"])
         if bad:

@@ -170,6 +170,9 @@ class CouplingSettings(SamplerSettings):
     batch: int = setting(256, "generation batch = one Zarr chunk", ge=1)
     noise_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the noise")
     endpoint_dtype: Literal["float16", "float32"] = setting("float32", "stored dtype of the teacher endpoint")
+    store_noise: bool = setting(True, "store the noise; false: a compact store whose readers regenerate it from "
+                                "(sample_id, seed), checked against its digest (a quarter of the bytes with float16 "
+                                "endpoints)")
     precision: Literal["fp16", "bf16", "fp32"] = setting(
         "fp16", "teacher arithmetic: autocast dtype of the ODE's denoiser evaluations (fp16: EDM2 and the official "
         "code; fp32: no autocast), on every device (CPU autocast for fp16/bf16); part of the couplings' fingerprint; "

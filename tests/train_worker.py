@@ -67,8 +67,10 @@ def hyperparameters(stage: int, seed: int, **flat) -> dict:
 
 
 def make_couplings(root: Path, *, num_samples: int = 96, chunk: int = 8, num_shards: int = 2,
-                   quantile: float | None = 0.9, fixed_threshold: float | None = None) -> Path:
-    """A merged coupling set of `num_samples` couplings in chunks of `chunk`; returns the manifest."""
+                   quantile: float | None = 0.9, fixed_threshold: float | None = None,
+                   store_noise: bool = True) -> Path:
+    """A merged coupling set of `num_samples` couplings in chunks of `chunk`; returns the manifest
+    (`store_noise=False`: compact shard stores, the same couplings)."""
     from remeanflow import coupling_set as CS
     from remeanflow import couplings as C
     from remeanflow import reflow_index as R
@@ -79,7 +81,8 @@ def make_couplings(root: Path, *, num_samples: int = 96, chunk: int = 8, num_sha
     paths = [root / f"shard-{k:05d}.zarr" for k in range(num_shards)]
     for k, path in enumerate(paths):
         C.create_shard_store(path, index_store=index, shard=k, num_shards=num_shards, chunk=chunk, shape=SHAPE,
-                             noise_dtype="float16", endpoint_dtype="float32", seed=5, fingerprint=FINGERPRINT)
+                             noise_dtype="float16", endpoint_dtype="float32", seed=5, fingerprint=FINGERPRINT,
+                             store_noise=store_noise)
         C.generate_shard(path, toy_generate, progress=False)
     manifest = root / "manifest.json"
     CS.merge_shards(paths, manifest, index_store=index, quantile=quantile, fixed_threshold=fixed_threshold,
