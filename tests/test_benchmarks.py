@@ -214,7 +214,11 @@ def test_gpu_bench_smoke(tmp_path):
         assert len(entry["fast"]["times_s"]) == 2 and entry["speedup"] > 0
         assert 0 < entry["loss_rel_diff"] <= report["settings"]["loss_rtol"]
         assert (entry["w_pi"] == 1.0) == (entry["stage"] == 1)
-    assert len(report["checks"]) == 1 + len(train) and all(c["passed"] for c in report["checks"])
+    # the coupling job's own generate function, fast path off and on, checked like the fast run
+    eager, piped = sampler["runs"]["pipeline-eager"], sampler["runs"]["pipeline-fast"]
+    assert eager["rel_err"] == 0 and not eager["fast_path"]  # the reference's own computation
+    assert piped["fast_path"] and 0 < piped["rel_err"] <= report["settings"]["sampler_rtol"]
+    assert len(report["checks"]) == 3 + len(train) and all(c["passed"] for c in report["checks"])
     assert report["targets"] and all(t["passed"] is None for t in report["targets"])  # smoke: not applicable
 
 
@@ -226,7 +230,8 @@ def test_gpu_bench_fails_loudly_out_of_tolerance(tmp_path):
     assert proc.returncode == 1
     assert "ERROR: sampler fast endpoints" in proc.stderr and "ERROR: stage 1 batch 2: first-step loss" in proc.stderr
     report = json.loads(out.read_text())
-    assert not report["passed"] and len(report["failures"]) == 2
+    assert "ERROR: sampler pipeline-fast endpoints" in proc.stderr
+    assert not report["passed"] and len(report["failures"]) == 3  # fast, pipeline-fast, the training loss
     assert report["settings"]["compile_backend"] is None
 
 
