@@ -424,7 +424,8 @@ def _time_embedding(ctx: dict) -> dict:
 def _train(ctx: dict, stage: int) -> dict:
     s, fig, main = ctx["s"], ctx["fig"], ctx["main"]
     t, st = s.train, s.train.stage(stage)
-    processes = max(t.processes, s.resources_of("train").gpu, 1)  # launch.job_processes without a device cap
+    per_node = max(t.processes, s.resources_of("train").gpu, 1)  # launch.job_processes without a device cap
+    processes = per_node * s.resources_of("train").nodes
     per_process = t.batch_size // processes
     seconds, how = step_time(fig.step_s[stage], per_process)
     if main != fig.train_net:  # another net: scale by its forward FLOPs per sample

@@ -168,14 +168,15 @@ def _check_ref_stats(s: Settings, report: Report) -> None:
 
 def _check_training(s: Settings, report: Report) -> None:
     """What the training processes need (the job re-checks against the devices it gets)."""
-    processes = max(s.train.processes, s.resources_of("train").gpu, 1)
+    processes = max(s.train.processes, s.resources_of("train").gpu, 1) * s.resources_of("train").nodes
     if s.train.compile is not None and processes > 1:
         report.problems.append(Finding("train.compile", f"{s.train.compile} with {processes} processes "
                                        "(train.processes / resources.train.gpu): torch.compile cannot trace the "
                                        "DDP-wrapped model; set null, or train one process"))
     if s.train.batch_size % processes:
         report.problems.append(Finding("train.batch_size", f"the global batch {s.train.batch_size} does not split "
-                                       f"over {processes} processes (train.processes / resources.train.gpu)"))
+                                       f"over {processes} processes (train.processes / resources.train.gpu, times "
+                                       "resources.train.nodes)"))
 
 
 def check(s: Settings, run_dir) -> Report:

@@ -207,6 +207,7 @@ def test_a_complete_config_dry_runs_clean(tmp_path):
     ({"teacher": {"fetch": {"guide": None}}}, "teacher.fetch.guide", "name the EDM2 pickle"),
     ({"train": {"compile": "inductor"}}, "train.compile", "cannot trace the DDP-wrapped model"),
     ({"train": {"batch_size": 100}}, "train.batch_size", "does not split over 8 processes"),
+    ({"resources": {"train": {"nodes": 3}}}, "train.batch_size", "does not split over 24 processes"),
 ])
 def test_each_missing_item_stops_the_dry_run_naming_its_key(tmp_path, change, key, message):
     complete = complete_preset(tmp_path, "imagenet512")
