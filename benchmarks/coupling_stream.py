@@ -47,8 +47,10 @@ FORMAT = "remeanflow.coupling-stream-bench/1"
 
 
 def make_set(root: Path, *, num_samples: int, num_shards: int, chunk: int, shape: tuple[int, ...], dtype: str,
-             num_classes: int, digest: str) -> tuple[Path, float]:
-    """A merged coupling set in `root`; returns (manifest path, seconds to make it)."""
+             num_classes: int, digest: str, endpoint_dtype: str | None = None,
+             store_noise: bool = True) -> tuple[Path, float]:
+    """A merged coupling set in `root` (noise in `dtype`, endpoints in `endpoint_dtype`, default the
+    same; `store_noise=False`: compact stores); returns (manifest path, seconds to make it)."""
     import torch
 
     from remeanflow import coupling_set, couplings, reflow_index
@@ -64,8 +66,8 @@ def make_set(root: Path, *, num_samples: int, num_shards: int, chunk: int, shape
     paths = [root / f"shard-{k:05d}.zarr" for k in range(num_shards)]
     for k, path in enumerate(paths):
         couplings.create_shard_store(path, index_store=index, shard=k, num_shards=num_shards, chunk=chunk,
-                                     shape=shape, noise_dtype=dtype, endpoint_dtype=dtype, seed=0,
-                                     fingerprint=fingerprint, digest=digest)
+                                     shape=shape, noise_dtype=dtype, endpoint_dtype=endpoint_dtype or dtype, seed=0,
+                                     fingerprint=fingerprint, digest=digest, store_noise=store_noise)
         couplings.generate_shard(path, generate, progress=False)
     manifest = root / "manifest.json"
     coupling_set.merge_shards(paths, manifest, index_store=index, quantile=0.9, progress=False)

@@ -335,3 +335,19 @@ def test_gpu_check_usage():
     proc = subprocess.run(["bash", str(BENCH / "gpu_check.sh"), "/nonexistent/x", "--fast"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def test_compact_store_benchmark(tmp_path):
+    out = tmp_path / "compact.json"
+    proc = _run("compact_store.py", "--num-samples", "64", "--chunk", "16", "--shape", "4", "16", "16", "--batch", "8",
+                "--batches", "3", "--repeats", "1", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(out.read_text())
+    per = report["bytes_per_coupling"]
+    official = per["official (.npy pair, float32)"]
+    assert official == 2 * (4 * 16 * 16 * 4 + 128)
+    # float16 endpoints, no noise: a quarter of the official pair (plus label, id and digests)
+    assert per["compact"] <= official / 4 + 64 and per["compact"] < per["full"] / 3.5
+    assert report["compact_fraction_of_official"] == pytest.approx(per["compact"] / official)
+    for name in ("full", "compact"):
+        assert report["stream"][name]["samples_per_s_cpu"] > 0
