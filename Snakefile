@@ -15,6 +15,7 @@ include: "rules/training.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 include: "rules/samples.smk"
+include: "rules/ablations.smk"
 
 
 # Bookkeeping rules run where Snakemake runs (no cluster job for seconds of work).

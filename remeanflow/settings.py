@@ -213,7 +213,8 @@ class TimeEmbeddingSettings(Section):
     """Fit of the new t/r embeddings to the teacher's log-sigma embedding."""
 
     RULES = ("init_time_embedding",)
-    steps: int = setting(10000, "Adam steps", ge=1)
+    steps: int = setting(10000, "Adam steps (0: no fit, both layers stay copies of the teacher's embedding; the "
+                         "ablation of the fit)", ge=0)
     batch: int = setting(1024, "(t, r) pairs per step", ge=1)
     lr: float = setting(1e-3, "Adam learning rate", gt=0)
     betas: tuple[float, float] = setting((0.9, 0.99), "Adam betas", ge=0, lt=1)
@@ -224,7 +225,8 @@ class TimeSamplerSettings(Section):
     """(t, r) of one training batch (`meanflow.sample_t_r`)."""
 
     RULES = ("train_stage1", "train_stage2")
-    a: float = setting(4.0, "U-shaped p(t) ~ exp(a t) + exp(a (1 - t)) on [0, 1]", gt=0)
+    a: float = setting(4.0, "U-shaped p(t) ~ exp(a t) + exp(a (1 - t)) on [0, 1]; 0: uniform t (plain MeanFlow's "
+                       "uniform sampler, the ablation of the U shape)", ge=0)
     p_mean: float = setting(-0.8, "t - r = sigmoid(N(p_mean, p_std))")
     p_std: float = setting(1.0, "t - r = sigmoid(N(p_mean, p_std))", gt=0)
     high_t: float = setting(0.95, "high-variance rule: where t > high_t and r < high_r, r = 0 (official code: "
@@ -271,6 +273,12 @@ class TrainSettings(Section):
     p: float = setting(0.5, "adaptive loss weight power", ge=0)
     c: float = setting(0.01, "adaptive loss weight constant", gt=0)
     time_sampler: TimeSamplerSettings = setting(factory=TimeSamplerSettings, doc="(t, r) sampler")
+    source: Literal["couplings", "data"] = setting(
+        "couplings", "what training reads: couplings (the method); data: the real images of data/images.zarr with "
+        "fresh standard-normal noise per sample (`data_stream`, the ablations' baseline; no truncation, no coupling "
+        "fingerprint)")
+    seed: Optional[int] = setting(None, "seed of the training draws and of the data order (null: the top-level "
+                                  "seed); repeats training over one coupling set (the ablations' seeds)", ge=0)
     trackers: tuple[TRACKERS, ...] = setting((), "experiment trackers (accelerate's) that get every "
                                                      "metric of the CSV per step and the one-step sample grid at "
                                                      "each snapshot, logged under the stage's work folder; "
@@ -357,6 +365,25 @@ class EvalSettings(Section):
 
 
 # ----------------------------------------------------------------------------------------------
+# Ablations.
+
+
+@dataclasses.dataclass(frozen=True)
+class AblationSettings(Section):
+    """Which variants `snakemake ablations` runs (rules/ablations.smk, remeanflow/ablations.py); the
+    variants themselves are the overlays presets/ablations/<name>.yaml."""
+
+    RULES = ("ablations",)
+    variants: tuple[str, ...] = setting((), "variant names (presets/ablations/<name>.yaml) to run; empty: all of "
+                                        "them")
+    checkpoint: Literal["stage1", "stage2"] = setting("stage2", "the checkpoint each variant is evaluated at "
+                                                      "(stage1: no stage-2 training; for quick runs)")
+    reference_heun_steps: int = setting(64, "Heun steps of the reference endpoints that each coupling sampler's "
+                                        "endpoint error is measured against (held-out noise)", ge=1,
+                                        rules=("ablations", "ablation_heldout_reference"))
+
+
+# ----------------------------------------------------------------------------------------------
 # Resources and the whole config.
 
 
@@ -393,6 +420,8 @@ class Settings(Section):
     time_embedding: TimeEmbeddingSettings = setting(factory=TimeEmbeddingSettings, doc="time embedding fit")
     train: TrainSettings = setting(factory=TrainSettings, doc="Re-MeanFlow training")
     evaluate: EvalSettings = setting(factory=EvalSettings, doc="evaluation")
+    ablations: AblationSettings = setting(factory=AblationSettings, doc="the ablation target (`snakemake ablations`)",
+                                          rules=())
     resources: dict[str, ResourceSettings] = setting(factory=lambda: {"default": ResourceSettings()},
                                                      doc="per rule group (default, preprocess, teacher, couplings, "
                                                          "train, evaluate); `default` fills missing groups")

@@ -59,7 +59,7 @@ import torch
 import tqdm
 from accelerate import Accelerator
 
-from . import networks, tracking, train_loss, train_state
+from . import data_stream, networks, tracking, train_loss, train_state
 from .coupling_set import open_couplings
 from .fileio import sha256_file
 from .loader import check_fingerprint_subset, keyed_seed, open_stream
@@ -361,7 +361,7 @@ def train_meanflow(
     settings: TrainSettings,  # the `train` config section: both stages' settings
     *,
     stage: int,  # 1 (plain target) or 2 (CFG target); its own settings are settings.stage(stage)
-    manifest,  # coupling manifest (`coupling_set.merge_shards`)
+    manifest,  # coupling manifest (`coupling_set.merge_shards`); unused with settings.source "data"
     init,  # stage 1: a `checkpoints.save_net` file; stage 2: stage 1's out_dir/train_state.pt
     out_dir,  # where the outputs go, written only after the last step
     work_dir,  # checkpoints, snapshots and the live metrics.csv; resumed from
@@ -372,6 +372,7 @@ def train_meanflow(
     progress: bool = True,  # tqdm bar on the main process
     on_stale_work_dir: str = "refuse",  # "refuse" or "archive" a work_dir made with other settings
     fail_at_step: int | None = None,  # TESTING HOOK: the loss becomes NaN at this step
+    images=None,  # settings.source "data" only: the image store it reads (`data_stream`)
 ) -> dict[str, Any]:
     """Train stage `stage` for exactly `settings.stage(stage).iterations` steps in total, resuming
     from work_dir; see the module docstring.
@@ -409,15 +410,19 @@ def train_meanflow(
     checkpoint_every, snapshot_every = settings.checkpoint_every, settings.snapshot_every
     out_dir, work_dir = Path(out_dir), Path(work_dir)
 
-    reader = open_couplings(manifest)
-    if expected_fingerprint is not None:
+    # The one difference of the data-trained baseline (ablations): images with fresh noise, no
+    # truncation and no coupling fingerprint, through a stream with the coupling stream's interface.
+    data = settings.source == "data"
+    reader = data_stream.open_images(images) if data else open_couplings(manifest)
+    if expected_fingerprint is not None and not data:
         check_fingerprint_subset(reader, expected_fingerprint)  # before anything expensive
     start = train_state.load_start(init, stage)
     train_state.check_data_fits_net(reader, start.net, init)
     config = dict(
         hyper, window_chunks=settings.window_chunks, mixed_precision=accelerator.mixed_precision, init_sha256=sha256_file(init),
-        couplings=dict(fingerprint_hash=reader.manifest["fingerprint_hash"], index_hash=reader.manifest["index_hash"],
-                       total=reader.total, threshold=reader.threshold),
+        couplings=reader.identity() if data else dict(
+            fingerprint_hash=reader.manifest["fingerprint_hash"], index_hash=reader.manifest["index_hash"],
+            total=reader.total, threshold=reader.threshold),
     )
 
     if accelerator.is_main_process:
@@ -441,7 +446,8 @@ def train_meanflow(
             log.info("stage %d: training from the start for %d steps (work folder %s)", stage, iterations, work_dir)
         else:
             log.info("stage %d: resuming from %s at step %d of %d", stage, ckpt_path, resumed_from, iterations)
-    stream = open_stream(reader, batch_size=config["batch_size"], seed=config["seed"],
+    open_batches = data_stream.open_stream if data else open_stream
+    stream = open_batches(reader, batch_size=config["batch_size"], seed=config["seed"],
                          window_chunks=config["window_chunks"], rank=accelerator.process_index, world=world,
                          saved_streams=ckpt["streams"] if ckpt is not None else None, ckpt_path=ckpt_path,
                          step=ckpt["step"] if ckpt is not None else None)

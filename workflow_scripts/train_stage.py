@@ -22,15 +22,22 @@ def gpus_per_node(resources) -> int:
 smk = snakemake  # noqa: F821
 with step(smk) as s:
     stage, settings = smk.params.stage, s.settings
-    s.seeds["train"] = settings.seed
+    # train.seed repeats training over one coupling set (the ablations' seeds); the couplings keep theirs
+    seed = settings.seed if settings.train.seed is None else settings.train.seed
+    s.seeds["train"] = seed
+    data = settings.train.source == "data"
     spec = dict(
-        manifest=smk.input.manifest, init=smk.input.init, out_dir=str(smk.output.state).rsplit("/", 1)[0],
-        work_dir=smk.params.work, stage=stage, seed=settings.seed, on_stale_work_dir="archive",
+        manifest=None if data else smk.input.manifest, init=smk.input.init,
+        out_dir=str(smk.output.state).rsplit("/", 1)[0], work_dir=smk.params.work, stage=stage, seed=seed,
+        on_stale_work_dir="archive",
         # training refuses couplings made by another teacher, guide or sampler
         expected_fingerprint={"teacher_sha256": net_sha256(smk.input.teacher),
                               "guide_sha256": net_sha256(smk.input.guide),
                               "sampler": settings.couplings.sampler.to_dict(), "seed": settings.seed},
     )
+    if data:  # the data-trained baseline reads the images (the ablation rule declares them as an input)
+        spec["images"] = smk.input.images if "images" in smk.input.keys() else \
+            f"{settings.results_dir}/{settings.run_name}/data/images.zarr"
     nodes = int(smk.resources.get("nodes", 1) or 1)
     keys = "train.processes / resources.train.gpu" + (" x resources.train.nodes" if nodes > 1 else "")
     # the first node's devices stand for every node's: Slurm gives each the same gres
