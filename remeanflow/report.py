@@ -31,6 +31,7 @@ Input formats read here (errors name the file and the key or column):
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import html
 import json
@@ -540,11 +541,39 @@ _PROVENANCE_INTRO = ('<p class="meta">Every artifact behind this page, oldest fi
                      "provenance &lt;artifact&gt;</code> prints the tree).</p>")
 
 
+# The columns of ablations/summary.csv the page shows (the CSV has all of them).
+ABLATION_COLUMNS = ("variant", "group", "description", "train_seed", "heun_steps", "truncation_quantile",
+                    "endpoint_mse_vs_ref", "one_step_mse_vs_teacher", "fd_pixels_sampled", "fid", "train_seconds",
+                    "artifacts")
+
+
+def read_ablations(run_dir) -> tuple[list[dict], Path] | None:
+    """The ablation table and figure of a run (`snakemake ablations`), None when it has not run."""
+    folder = Path(run_dir) / "ablations"
+    table, figure = folder / "summary.csv", folder / "summary.png"
+    if not (table.is_file() and figure.is_file()):
+        return None
+    with open(table, newline="") as f:
+        return list(csv.DictReader(f)), figure
+
+
+def _ablations_section(rows: Sequence[dict], figure) -> str:
+    intro = ("<p>Training variants over this run's teacher and coupling set (<code>snakemake ablations</code>, "
+             "presets/ablations/), each evaluated with the same held-out noise and metrics; the data variants "
+             "train on the images with fresh independent noise. Endpoint error: each coupling sampler's "
+             "held-out endpoints against the reference sampler's. Full table: ablations/summary.csv.</p>")
+    table = _table(ABLATION_COLUMNS, ([html.escape(r.get(c) or "") for c in ABLATION_COLUMNS] for r in rows))
+    return intro + table + _figure(figure, "ablation summary", "One-step error and pixel Frechet distance per "
+                                   "variant (colour: the claim it tests); endpoint error per Heun steps.")
+
+
 def render_report(
     *, run_name: str, stages: Mapping[str, StageInputs], metrics: Mapping[str, dict], teacher_png, couplings_png,
     distances: CouplingDistances, provenance_table: Sequence[dict], notes: Sequence[str] = (),
+    ablations: tuple[Sequence[dict], Any] | None = None,
 ) -> str:
-    """The report page as one self-contained HTML string (`metrics`: `read_eval_metrics` per stage)."""
+    """The report page as one self-contained HTML string (`metrics`: `read_eval_metrics` per stage;
+    `ablations`: the rows of ablations/summary.csv and its figure, when the ablations ran)."""
     def section(anchor: str, title: str, body: str) -> str:
         return f'<h2 id="{anchor}">{title}</h2>{body}'
 
@@ -562,6 +591,7 @@ def render_report(
             s.training_png, f"training curves {stage}", _TRAINING_CAPTION))),
         section("teacher", "Teacher", _figure(teacher_png, "teacher loss", _TEACHER_CAPTION)),
         section("couplings", "Couplings", _couplings_section(distances, couplings_png)),
+        section("ablations", "Ablations", _ablations_section(*ablations)) if ablations else "",
         section("provenance", "Provenance", _PROVENANCE_INTRO + provenance_table_html(provenance_table)),
         section("notes", "Notes", _notes(notes)) if notes else "",
         "</body></html>\n",
@@ -593,7 +623,8 @@ def build_report(
     notes = plot_teacher_loss(teacher, out_teacher_png) + notes
     plot_distance_histogram(distances, out_couplings_png)
     page = render_report(run_name=run_name, stages=stages, metrics=metrics, teacher_png=out_teacher_png,
-                         couplings_png=out_couplings_png, distances=distances, provenance_table=rows, notes=notes)
+                         couplings_png=out_couplings_png, distances=distances, provenance_table=rows, notes=notes,
+                         ablations=read_ablations(root) if root is not None else None)
     with atomic_path(out_html) as tmp:
         Path(tmp).write_text(page, encoding="utf-8")
     return {"artifacts": len(rows), "warnings": provenance_summary(rows), "notes": notes, "bytes": len(page)}

@@ -4,6 +4,13 @@
 # so `snakemake --report report.html` shows them with captions.
 
 REPORT_STAGES = ["stage1", "stage2"]
+# The ablation table and figure (`snakemake ablations`), shown when present: as inputs, so that the
+# report is redone once they appear or change (the ablations are not part of `all`).
+ABLATION_SUMMARY = [
+    p
+    for p in (f"{RUN}/ablations/summary.csv", f"{RUN}/ablations/summary.png")
+    if os.path.exists(p)
+]
 
 
 report: "../report/workflow.rst"
@@ -56,6 +63,7 @@ rule report:
         training=expand(
             f"{RUN}/report/figures/{{stage}}/training.png", stage=REPORT_STAGES
         ),
+        ablations=ABLATION_SUMMARY,
     output:
         html=report(
             f"{RUN}/report/index.html",
