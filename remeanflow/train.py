@@ -500,6 +500,8 @@ def train_meanflow(
         bar.close()
         metrics.close()
         tracking.finish(accelerator)
+        if hasattr(stream, "close"):  # a window still being prefetched is waited for, not left running
+            stream.close()
     seconds = time.perf_counter() - t0
 
     paths: dict[str, str] = {}
