@@ -146,9 +146,9 @@ class Plan:
         self.base_config = base_config
         self.base = rmf_settings.load(base_config)
         self.repo = repo
+        # No overlays at all (a checkout without presets/) is an error only when the target is built
+        # (`require_variants`): the rest of the workflow does not need them.
         names = list(names) or available(repo)
-        if not names:
-            raise AblationError(f"no variants: {OVERLAY_DIR}/ holds no *.yaml overlay")
         self.variants: dict[str, Variant] = {}
         for name in names:
             self._check_name(name)
@@ -163,6 +163,10 @@ class Plan:
         steps = reference_heun_steps or self.base.ablations.reference_heun_steps
         self.reference_overlay = {"couplings": {"heun_steps": steps}}
         self.reference = rmf_settings.load(variant_config(base_config, self.reference_overlay))
+
+    def require_variants(self) -> None:
+        if not self.variants:
+            raise AblationError(f"no ablation variants: {OVERLAY_DIR}/ holds no *.yaml overlay")
 
     def _check_name(self, name: str) -> None:
         import re

@@ -55,6 +55,7 @@ def abl_eval_net(wc):
 
 
 def abl_summary_inputs(wc):
+    ABL.require_variants()
     entries = ABL.entries(RUN)
     return {
         "metrics": [e["metrics"] for e in entries],

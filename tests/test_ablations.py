@@ -74,7 +74,8 @@ def test_reduced_ablation_shares_upstream_jobs_and_writes_the_table(tmp_path):
 
     # ... and a changed setting reruns exactly the jobs whose settings it changes: the training lr
     # reaches every training (the base one that `full` uses too), no coupling or teacher job
-    changed = write_config(tmp_path, {"ablations": {"variants": REDUCED, "checkpoint": "stage1"},
+    (tmp_path / "changed").mkdir()
+    changed = write_config(tmp_path / "changed", {"ablations": {"variants": REDUCED, "checkpoint": "stage1"},
                                       "train": {"lr": 5e-4}})
     counts = job_counts((lambda p: p.stdout + p.stderr)(run_snakemake(tmp_path, changed, "-n", "ablations")))
     assert counts.get("train_stage1") == 1 and counts.get("ablation_train_stage1") == 3, counts
@@ -82,7 +83,7 @@ def test_reduced_ablation_shares_upstream_jobs_and_writes_the_table(tmp_path):
                 "ablation_couplings_merge", "heldout_couplings"} & set(counts), counts
 
     # the report page shows the table and the figure once they exist
-    run_snakemake(tmp_path, cfg, str(run / "report" / "index.html"), timeout=600)
+    run_snakemake(tmp_path, cfg, "results/tiny/report/index.html", timeout=600)
     page = (run / "report" / "index.html").read_text()
     assert '<h2 id="ablations">Ablations</h2>' in page and "own shards, manifest, stage1" in page
     assert page.count("data:image/png;base64") >= 1 + page.split('id="ablations"')[0].count("data:image/png;base64")
