@@ -252,6 +252,56 @@ class Plan:
 
 
 # ----------------------------------------------------------------------------------------------
+# Input and params functions of rules/ablations.smk (Snakemake's lint wants no functions in rule
+# files); `wc` are a job's wildcards.
+
+
+class RuleInputs:
+    """The input and params functions of the ablation rules of the run at `run` (`<results>/<name>`)."""
+
+    def __init__(self, plan: Plan, run: str):
+        self.plan, self.run = plan, run
+
+    def at(self, stage: str, path: str):
+        """The input at `path` (below a run folder) of a variant's `stage`: the base's or the variant's."""
+        return lambda wc: f"{self.plan.prefix(self.run, wc.variant, stage)}/{path}"
+
+    def variant(self, rule: str, script: str | None = None):
+        return lambda wc: self.plan.step(wc.variant, rule, script or rule)
+
+    def overlay(self, wc):
+        return self.plan.overlay(wc.variant)
+
+    def shards(self, num_shards: int):
+        return lambda wc: [self.at("shards", f"reflow/couplings/shard-{i:05d}.zarr")(wc) for i in range(num_shards)]
+
+    def train(self, stage: int):
+        def inputs(wc) -> dict:
+            init = self.at("time_emb", "time_emb/net.pt") if stage == 1 else \
+                self.at("stage1", "train/stage1/train_state.pt")
+            named = {"init": init(wc), "teacher": f"{self.run}/teacher/net.pt", "guide": f"{self.run}/teacher/guide.pt"}
+            if self.plan.trains_on_data(wc.variant):
+                named["images"] = f"{self.run}/data/images.zarr"
+            else:
+                named["manifest"] = self.at("manifest", "reflow/manifest.json")(wc)
+            return named
+
+        return inputs
+
+    def eval_net(self, wc):
+        return self.at(wc.ckpt, f"train/{wc.ckpt}/net_ema.pt")(wc)
+
+    def summary(self, wc) -> dict:
+        self.plan.require_variants()
+        entries = self.plan.entries(self.run)
+        return {
+            "metrics": [e["metrics"] for e in entries],
+            "heldout": sorted({e["heldout"] for e in entries if e["heldout"]}),
+            "reference": f"{self.run}/ablations/reference/heldout.npz",
+        }
+
+
+# ----------------------------------------------------------------------------------------------
 # The summary table and figure.
 
 

@@ -16,52 +16,8 @@ ABL_LOG = f"{RUN}/logs/ablations/{{variant}}"
 ABL_BENCH = f"{RUN}/benchmarks/ablations/{{variant}}"
 
 
-def abl_at(stage, path):
-    """The input at `path` (below a run folder) of a variant's `stage`: base or variant."""
-    return lambda wc: f"{ABL.prefix(RUN, wc.variant, stage)}/{path}"
-
-
-def abl_variant(rule, script=None):
-    return lambda wc: ABL.step(wc.variant, rule, script or rule)
-
-
-def abl_overlay(wc):
-    return ABL.overlay(wc.variant)
-
-
-def abl_train_inputs(stage):
-    def inputs(wc):
-        init = (
-            abl_at("time_emb", "time_emb/net.pt")(wc)
-            if stage == 1
-            else abl_at("stage1", "train/stage1/train_state.pt")(wc)
-        )
-        named = {
-            "init": init,
-            "teacher": f"{RUN}/teacher/net.pt",
-            "guide": f"{RUN}/teacher/guide.pt",
-        }
-        if ABL.trains_on_data(wc.variant):
-            named["images"] = f"{RUN}/data/images.zarr"
-        else:
-            named["manifest"] = abl_at("manifest", "reflow/manifest.json")(wc)
-        return named
-
-    return inputs
-
-
-def abl_eval_net(wc):
-    return abl_at(wc.ckpt, f"train/{wc.ckpt}/net_ema.pt")(wc)
-
-
-def abl_summary_inputs(wc):
-    ABL.require_variants()
-    entries = ABL.entries(RUN)
-    return {
-        "metrics": [e["metrics"] for e in entries],
-        "heldout": sorted({e["heldout"] for e in entries if e["heldout"]}),
-        "reference": f"{RUN}/ablations/reference/heldout.npz",
-    }
+# input and params functions (remeanflow/ablations.py: no functions in rule files)
+ABL_IN = rmf_ablations.RuleInputs(ABL, RUN)
 
 
 localrules:
@@ -90,8 +46,8 @@ rule ablation_couplings_shard:
         gpu=res("couplings", "gpu"),
     params:
         step=params_of("ablation_couplings_shard", "ablation_step"),
-        variant=abl_variant("couplings_shard"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("couplings_shard"),
+        overlay=ABL_IN.overlay,
         main="couplings_shard",
         work=lambda wc: f"{RUN}/ablations/{wc.variant}/reflow/work/shard-{wc.shard}.zarr",
     script:
@@ -101,10 +57,7 @@ rule ablation_couplings_shard:
 rule ablation_couplings_merge:
     input:
         index=f"{RUN}/reflow/index.zarr",
-        shards=lambda wc: expand(
-            abl_at("shards", "reflow/couplings/shard-{shard}.zarr")(wc),
-            shard=shards(S.couplings.num_shards),
-        ),
+        shards=ABL_IN.shards(S.couplings.num_shards),
     output:
         f"{ABL_RUN}/reflow/manifest.json",
     log:
@@ -121,8 +74,8 @@ rule ablation_couplings_merge:
         runtime=res("couplings", "runtime"),
     params:
         step=params_of("ablation_couplings_merge", "ablation_step"),
-        variant=abl_variant("couplings_merge"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("couplings_merge"),
+        overlay=ABL_IN.overlay,
         main="couplings_merge",
     script:
         "../workflow_scripts/ablation_step.py"
@@ -149,8 +102,8 @@ rule ablation_init_time_embedding:
         gpu=min(res("train", "gpu"), 1),
     params:
         step=params_of("ablation_init_time_embedding", "ablation_step"),
-        variant=abl_variant("init_time_embedding"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("init_time_embedding"),
+        overlay=ABL_IN.overlay,
         main="init_time_embedding",
     script:
         "../workflow_scripts/ablation_step.py"
@@ -158,7 +111,7 @@ rule ablation_init_time_embedding:
 
 rule ablation_train_stage1:
     input:
-        unpack(abl_train_inputs(1)),
+        unpack(ABL_IN.train(1)),
     output:
         state=f"{ABL_RUN}/train/stage1/train_state.pt",
         net=f"{ABL_RUN}/train/stage1/net_ema.pt",
@@ -179,8 +132,8 @@ rule ablation_train_stage1:
         nodes=res("train", "nodes"),
     params:
         step=params_of("ablation_train_stage1", "ablation_step"),
-        variant=abl_variant("train_stage1", "train_stage"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("train_stage1", "train_stage"),
+        overlay=ABL_IN.overlay,
         main="train_stage",
         stage=1,
         work=lambda wc: f"{RUN}/ablations/{wc.variant}/train/work/stage1",
@@ -190,7 +143,7 @@ rule ablation_train_stage1:
 
 use rule ablation_train_stage1 as ablation_train_stage2 with:
     input:
-        unpack(abl_train_inputs(2)),
+        unpack(ABL_IN.train(2)),
     output:
         state=f"{ABL_RUN}/train/stage2/train_state.pt",
         net=f"{ABL_RUN}/train/stage2/net_ema.pt",
@@ -201,8 +154,8 @@ use rule ablation_train_stage1 as ablation_train_stage2 with:
         f"{ABL_BENCH}/train_stage2.tsv"
     params:
         step=params_of("ablation_train_stage2", "ablation_step"),
-        variant=abl_variant("train_stage2", "train_stage"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("train_stage2", "train_stage"),
+        overlay=ABL_IN.overlay,
         main="train_stage",
         stage=2,
         work=lambda wc: f"{RUN}/ablations/{wc.variant}/train/work/stage2",
@@ -232,8 +185,8 @@ rule ablation_heldout_couplings:
         gpu=min(res("evaluate", "gpu"), 1),
     params:
         step=params_of("ablation_heldout_couplings", "ablation_step"),
-        variant=abl_variant("heldout_couplings"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("heldout_couplings"),
+        overlay=ABL_IN.overlay,
         main="heldout_couplings",
     script:
         "../workflow_scripts/ablation_step.py"
@@ -256,7 +209,7 @@ use rule ablation_heldout_couplings as ablation_heldout_reference with:
 
 rule ablation_evaluate_shard:
     input:
-        net=abl_eval_net,
+        net=ABL_IN.eval_net,
         images=f"{RUN}/data/images.zarr",
         weights=INCEPTION_WEIGHTS,
         vae=VAE,
@@ -278,8 +231,8 @@ rule ablation_evaluate_shard:
         gpu=min(res("evaluate", "gpu"), 1),
     params:
         step=params_of("ablation_evaluate_shard", "ablation_step"),
-        variant=abl_variant("evaluate_shard"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("evaluate_shard"),
+        overlay=ABL_IN.overlay,
         main="evaluate_shard",
     script:
         "../workflow_scripts/ablation_step.py"
@@ -287,7 +240,7 @@ rule ablation_evaluate_shard:
 
 rule ablation_evaluate_merge:
     input:
-        net=abl_eval_net,
+        net=ABL_IN.eval_net,
         shards=expand(
             f"{RUN}/ablations/{{{{variant}}}}/eval/{{{{ckpt}}}}/shards/shard-{{shard}}.npz",
             shard=shards(EVAL.shards),
@@ -295,7 +248,7 @@ rule ablation_evaluate_merge:
         heldout=f"{RUN}/eval/heldout.npz",
         images=f"{RUN}/data/images.zarr",
         teacher=f"{RUN}/teacher/net.pt",
-        initial=abl_at("time_emb", "time_emb/net.pt"),
+        initial=ABL_IN.at("time_emb", "time_emb/net.pt"),
         pixel_stats=PIXEL_STATS,
         ref_stats=FID_REF_STATS,
         vae=VAE,
@@ -318,8 +271,8 @@ rule ablation_evaluate_merge:
         gpu=min(res("evaluate", "gpu"), 1),
     params:
         step=params_of("ablation_evaluate_merge", "ablation_step"),
-        variant=abl_variant("evaluate_merge"),
-        overlay=abl_overlay,
+        variant=ABL_IN.variant("evaluate_merge"),
+        overlay=ABL_IN.overlay,
         main="evaluate_merge",
     script:
         "../workflow_scripts/ablation_step.py"
@@ -327,7 +280,7 @@ rule ablation_evaluate_merge:
 
 rule ablations:
     input:
-        unpack(abl_summary_inputs),
+        unpack(ABL_IN.summary),
     output:
         table=f"{RUN}/ablations/summary.csv",
         figure=f"{RUN}/ablations/summary.png",
