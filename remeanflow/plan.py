@@ -400,11 +400,13 @@ def _teacher(ctx: dict) -> dict:
 def _couplings(ctx: dict, couplings: int) -> dict:
     s, fig, nets, nfe = ctx["s"], ctx["fig"], ctx["nets"], ctx["nfe"]
     c = s.couplings
-    per = ctx["elements"] * (DTYPE_BYTES[c.noise_dtype] + DTYPE_BYTES[c.endpoint_dtype]) + 4 + 8  # + label, id
+    noise = DTYPE_BYTES[c.noise_dtype] if c.store_noise else 0  # a compact store regenerates it
+    per = ctx["elements"] * (noise + DTYPE_BYTES[c.endpoint_dtype]) + 4 + 8  # + label, id
+    stored_noise = f"noise {c.noise_dtype}" if c.store_noise else "no noise (regenerated)"
     artifacts = [
         _artifact("reflow/index.zarr", couplings * (4 + 8), "int32 label + int64 sample id"),
         _artifact("reflow/couplings/shard-*.zarr", couplings * per,
-                  f"{per:,} B per coupling: {'x'.join(map(str, ctx['shape']))} noise {c.noise_dtype} + endpoint "
+                  f"{per:,} B per coupling: {'x'.join(map(str, ctx['shape']))} {stored_noise} + endpoint "
                   f"{c.endpoint_dtype} + label + id, uncompressed"),
         _artifact("reflow/manifest.json", None, "small"),
     ]

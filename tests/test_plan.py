@@ -80,7 +80,7 @@ def test_512_preset_follows_the_benchmark_figures(capsys, bench):
     assert p["couplings"] == c["count"] == n and c["jobs"] == 64 + 2 and c["nfe_per_net"] == 63 == p["nfe_per_net"]
     # couplings.fast_path is off in the preset: the workflow samples with the eager reference
     assert c["gpu_hours"] == pytest.approx(n * 63 / (REF_RATE * 63) / 3600, rel=1e-12)
-    per = 4 * 64 * 64 * (4 + 4) + 4 + 8  # float32 noise + endpoint, int32 label, int64 id
+    per = 4 * 64 * 64 * 2 + 4 + 8  # compact store: float16 endpoint, int32 label, int64 id (no noise)
     assert c["bytes_per_coupling"] == per
     shards = [a for a in c["artifacts"] if a["path"].startswith("reflow/couplings/")]
     assert shards[0]["bytes"] == n * per
@@ -104,12 +104,12 @@ def test_512_preset_follows_the_benchmark_figures(capsys, bench):
 
 def test_overlays_merge_in_order_and_choose_the_measured_path(capsys, bench, tmp_path):
     overlay = tmp_path / "more.yaml"
-    overlay.write_text(yaml.safe_dump({"couplings": {"fast_path": True, "passes": 1, "endpoint_dtype": "float16"},
+    overlay.write_text(yaml.safe_dump({"couplings": {"fast_path": True, "passes": 1, "store_noise": True},
                                        "train": {"jvp": "autograd", "processes": 2, "batch_size": 64},
                                        "resources": {"train": {"gpu": 2}}}))
     p = json_plan(capsys, "--configfile", str(P512), "--configfile", str(overlay), "--bench", str(bench))
     c = stage(p, "couplings")
-    assert c["count"] == IMAGES and c["bytes_per_coupling"] == 4 * 64 * 64 * (4 + 2) + 12
+    assert c["count"] == IMAGES and c["bytes_per_coupling"] == 4 * 64 * 64 * (4 + 2) + 12  # noise stored again
     assert c["gpu_hours"] == pytest.approx(IMAGES / FAST_RATE / 3600, rel=1e-12)  # the faster fast run
     s1 = stage(p, "stage 1")
     # per-process batch 32 lies between the measured 16 and 64: a straight line through them
@@ -123,7 +123,7 @@ def test_64_preset_scales_by_flops_and_pixel_shape(capsys, bench):
     p = json_plan(capsys, "--configfile", str(P64), "--bench", str(bench))
     assert p["sample_shape"] == [3, 64, 64] and p["nets"]["main"] == "edm2-img64-s"
     c = stage(p, "couplings")
-    assert c["bytes_per_coupling"] == 3 * 64 * 64 * 8 + 12
+    assert c["bytes_per_coupling"] == 3 * 64 * 64 * 2 + 12  # compact store, float16 endpoints
     ratio = (flops("edm2-img64-s") + flops("edm2-img64-xs")) / (flops("edm2-img512-s") + flops("edm2-img512-xs"))
     assert c["gpu_hours"] == pytest.approx(IMAGES * 4 / REF_RATE / 3600 * ratio, rel=1e-9)
     assert 0.99 < ratio < 1.0  # only the first and last layers differ (3 vs 4 channels)
