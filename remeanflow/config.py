@@ -15,6 +15,7 @@ import yaml
 from . import settings
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
+DEFAULT = SCHEMA.parent.parent / "config.yaml"  # the embedded default every run starts from
 
 
 class ConfigError(ValueError):
@@ -57,3 +58,18 @@ def validate(config: dict) -> dict:
         return settings.load(coerced).to_dict()
     except ValueError as e:
         raise ConfigError(f"invalid configuration:\n  {e}") from None
+
+
+def load_files(configfiles, base=DEFAULT) -> dict:
+    """The complete validated config of `base` with each of `configfiles` merged over it in order,
+    as `snakemake --configfile A B` builds it; ConfigError names a file that cannot be read."""
+    merged: dict = {}
+    for path in [base, *configfiles]:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+        merged = merge(merged, data)
+    return validate(merged)

@@ -31,8 +31,6 @@ import re
 import sys
 from pathlib import Path
 
-import yaml
-
 from . import config as rmf_config
 from . import misc, settings
 
@@ -72,16 +70,7 @@ class PlanError(ValueError):
 
 
 def load_settings(configfiles: list[str | Path], base: str | Path = REPO / "config.yaml") -> settings.Settings:
-    merged: dict = {}
-    for path in [base, *configfiles]:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as e:
-            raise PlanError(f"{path}: cannot read the config file ({e.strerror})") from None
-        if not isinstance(data, dict):
-            raise PlanError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
-        merged = rmf_config.merge(merged, data)
-    return settings.load(rmf_config.validate(merged))
+    return settings.load(rmf_config.load_files(configfiles, base))
 
 
 # ----------------------------------------------------------------------------------------------

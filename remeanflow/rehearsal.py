@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import edm2_writer, inception, networks
+from . import config, edm2_writer, inception, networks, settings
 from .data.toy import write_toy_archive
 from .fileio import atomic_path, sha256_file
 
@@ -106,11 +106,10 @@ def _save_inception(out_dir: Path) -> Path:
 def write_assets(preset, out_dir, *, progress: bool = True) -> dict:
     """Write the rehearsal's assets for `preset` (a rehearsal preset YAML) into `out_dir` and return
     the config overlay (also written to ``out_dir/assets.yaml``)."""
-    fetch = (yaml.safe_load(Path(preset).read_text()).get("teacher") or {}).get("fetch") or {}
-    encoder, resolution = fetch.get("encoder"), fetch.get("resolution")
-    if encoder not in ("StabilityVAEEncoder", "StandardRGBEncoder") or not isinstance(resolution, int):
-        raise ValueError(f"{preset}: teacher.fetch.encoder (StabilityVAEEncoder or StandardRGBEncoder) and "
-                         f"teacher.fetch.resolution must be set, got {encoder!r} and {resolution!r}")
+    s = settings.load(config.load_files([preset]))
+    if s.teacher.mode != "fetch":
+        raise ValueError(f"{preset}: teacher.mode is {s.teacher.mode!r}; a rehearsal stands in for fetched pickles")
+    encoder, resolution = s.teacher.fetch.encoder, s.teacher.fetch.resolution
     latent = encoder == "StabilityVAEEncoder"
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

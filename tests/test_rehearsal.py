@@ -47,7 +47,7 @@ SIZE_KEYS = {
     "couplings.passes", "couplings.num_shards", "couplings.batch", "couplings.heun_steps",
     "time_embedding.steps", "time_embedding.batch",
     "train.batch_size", "train.checkpoint_every", "train.snapshot_every", "train.window_chunks",
-    "train.processes", "train.stage1.iterations", "train.stage2.iterations",
+    "train.processes", "train.stage1.iterations", "train.stage2.iterations",  # w_max: the preset's own
     "evaluate.num_samples", "evaluate.batch", "evaluate.fid_samples", "evaluate.shards",
 }
 ASSET_KEYS = {"dataset.source", "teacher.fetch.main", "teacher.fetch.guide", "evaluate.inception.weights"}
@@ -70,11 +70,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def test_rehearsal_differs_from_the_512_preset_only_in_sizes_and_assets():
-    preset, rehearsal_cfg = (yaml.safe_load(p.read_text()) for p in (PRESET, REHEARSAL))
+@pytest.mark.parametrize("preset, rehearsal_preset, concessions", [
+    (PRESET, REHEARSAL, CPU_CONCESSIONS),
+    # pixel space: the reference statistics of the 64 px images are comparable, no concession there
+    (REPO / "presets" / "imagenet64.yaml", REPO / "presets" / "rehearsal64.yaml", {"couplings.precision"}),
+], ids=["512", "64"])
+def test_rehearsal_differs_from_its_preset_only_in_sizes_and_assets(preset, rehearsal_preset, concessions):
+    preset, rehearsal_cfg = (yaml.safe_load(p.read_text()) for p in (preset, rehearsal_preset))
     a, b = _flat(preset), _flat(rehearsal_cfg)
     differ = {k for k in a.keys() | b.keys() if a.get(k, "<unset>") != b.get(k, "<unset>")}
-    allowed = SIZE_KEYS | ASSET_KEYS | CPU_CONCESSIONS
+    allowed = SIZE_KEYS | ASSET_KEYS | concessions
     assert differ <= allowed, f"the rehearsal changes more than sizes and assets: {sorted(differ - allowed)}"
     # every declared difference is one (the lists stay honest), resources are sizes too
     assert differ == allowed, f"listed but equal: {sorted(allowed - differ)}"
@@ -264,3 +269,19 @@ def test_fetch_refuses_a_pickle_of_another_kind_than_declared(tmp_path):
     with pytest.raises(EDM2PickleError, match=r"teacher\.fetch\.guide.*encoder is StabilityVAEEncoder, the pickle's "
                                               r"encoder is StandardRGBEncoder"):
         check_declared(loaded, encoder="StabilityVAEEncoder", resolution=8, role="guide")
+
+
+def test_the_64_rehearsal_has_pixel_assets_and_a_clean_dry_run(tmp_path):
+    """presets/rehearsal64.yaml: 3-channel img64-architecture pickles with StandardRGBEncoder, no VAE;
+    its reference statistics are comparable, so the dry run has nothing to say."""
+    rehearsal64 = REPO / "presets" / "rehearsal64.yaml"
+    overlay = rehearsal.write_assets(rehearsal64, tmp_path / "assets", progress=False)
+    assert "vae" not in overlay["evaluate"] and set(_flat(overlay)) <= OVERLAY_KEYS
+    loaded = load_edm2_pickle(overlay["teacher"]["fetch"]["main"].removeprefix("file://"))
+    assert (loaded["net"].img_channels, loaded["net"].img_resolution) == (3, 64)
+    assert loaded["encoder"]["class_name"] == "StandardRGBEncoder"
+    code, out = _dry(tmp_path, rehearsal64, tmp_path / "assets" / "assets.yaml")
+    assert code == 0, out[-3000:]
+    assert "remeanflow: warnings" not in out
+    counts = job_counts(out)
+    assert counts["fetch_teacher"] == 1 and counts["fid_reference_stats"] == 1 and counts["evaluate_shard"] == 4
