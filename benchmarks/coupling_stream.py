@@ -125,9 +125,10 @@ def digest_gb_per_s(algorithm: str, nbytes: int = 1 << 25, repeats: int = 5) -> 
     return nbytes / best / 1e9
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-samples", type=int, default=4096)
+def stream_arguments(num_samples: int, doc: str) -> argparse.ArgumentParser:
+    """The store and stream options the stream benchmarks share (this one and stream_prefetch.py)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--num-samples", type=int, default=num_samples)
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--chunk", type=int, default=256, help="generation batch = one Zarr chunk (config default 256)")
     ap.add_argument("--shape", type=int, nargs="+", default=[4, 64, 64])
@@ -135,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=128, help="per-process training batch (config default 128)")
     ap.add_argument("--window-chunks", type=int, default=16, help="shuffle window in chunks (config default 16)")
     ap.add_argument("--epochs", type=float, default=2.0, help="stream epochs per timed run")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = stream_arguments(4096, __doc__)
     ap.add_argument("--repeats", type=int, default=9, help="timed runs per mode (interleaved)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--digest", default=None, help="chunk digest algorithm of the store, one of "

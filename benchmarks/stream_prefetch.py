@@ -27,7 +27,6 @@ wall time; and the ratios of the baseline's stall to each mode's.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -105,24 +104,10 @@ def run_loop(manifest: Path, *, prefetch: bool, batch: int, window_chunks: int, 
             "first_stall_s": stalls[0], "wall_s": time.perf_counter() - t0, "hashes": hashes}
 
 
-def _ratio(a: float, b: float) -> float | None:
-    return a / b if b > 0 else None
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--num-samples", type=int, default=8192)
-    ap.add_argument("--shards", type=int, default=2)
-    ap.add_argument("--chunk", type=int, default=256, help="generation batch = one Zarr chunk (config default 256)")
-    ap.add_argument("--shape", type=int, nargs="+", default=[4, 64, 64])
-    ap.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    ap.add_argument("--batch", type=int, default=128, help="per-process training batch (config default 128)")
-    ap.add_argument("--window-chunks", type=int, default=16, help="shuffle window in chunks (config default 16)")
-    ap.add_argument("--epochs", type=float, default=2.0, help="stream epochs per timed run")
+    from coupling_stream import stream_arguments
+
+    ap = stream_arguments(8192, __doc__)
     ap.add_argument("--step-ms", type=float, default=50.0, help="simulated compute per step, milliseconds")
     ap.add_argument("--compute", choices=("sleep", "matmul"), default="sleep")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per mode (interleaved)")
@@ -132,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     import torch
-    from coupling_stream import make_set
+    from coupling_stream import _fmt, _ratio, make_set
 
     from remeanflow import couplings
 

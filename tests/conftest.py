@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import os
 import re
@@ -100,6 +101,14 @@ def save_tiny_vae(path: Path) -> Path:
     from remeanflow.rehearsal import save_random_vae
 
     return save_random_vae(path, block_out_channels=(8, 16))
+
+
+def load_benchmark(name: str):
+    """A script of benchmarks/ imported as a module (its `main(argv)` runs it in this process)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def complete_preset(workdir: Path, preset: str) -> Path:

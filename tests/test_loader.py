@@ -356,13 +356,11 @@ def test_stream_batches_do_not_depend_on_verification(sets):
 
 def test_stream_benchmark_runs_and_reports_both_modes(tmp_path):
     """benchmarks/coupling_stream.py in its smallest configuration (no timing is asserted)."""
-    import importlib.util
     import json
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "coupling_stream.py"
-    spec = importlib.util.spec_from_file_location("bench_coupling_stream", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from conftest import load_benchmark
+
+    bench = load_benchmark("coupling_stream")
     out = tmp_path / "bench.json"
     assert bench.main(["--num-samples", "64", "--chunk", "8", "--shape", "2", "8", "8", "--batch", "8",
                        "--window-chunks", "2", "--repeats", "1", "--epochs", "1", "--workdir", str(tmp_path),

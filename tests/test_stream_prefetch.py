@@ -273,12 +273,9 @@ def test_no_thread_is_left_behind(sets):
 
 def test_prefetch_benchmark_runs_and_reports(tmp_path):
     """benchmarks/stream_prefetch.py in its smallest configuration (no timing is asserted)."""
-    import importlib.util
+    from conftest import load_benchmark
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stream_prefetch.py"
-    spec = importlib.util.spec_from_file_location("bench_stream_prefetch", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("stream_prefetch")
     out = tmp_path / "bench.json"
     assert bench.main(["--num-samples", "64", "--chunk", "8", "--shape", "2", "8", "8", "--batch", "8",
                        "--window-chunks", "2", "--repeats", "1", "--epochs", "1", "--step-ms", "1",
