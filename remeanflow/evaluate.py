@@ -372,10 +372,8 @@ def _check_teacher(teacher_path, heldout: Heldout, heldout_path) -> str | None:
     return digest
 
 
-def _decoded(latents: np.ndarray, encoder: dict, vae_path, device, vae_batch: int | None) -> np.ndarray:
-    """Latent samples -> pixels in [-1, 1] through the VAE (uint8 on the way, as saved images are)."""
-    decode = vae.make_decoder(encoder, vae_path, device, batch_size=vae_batch)
-    pixels = decode(torch.from_numpy(np.ascontiguousarray(latents)))
+def _to_signed(pixels: torch.Tensor) -> np.ndarray:
+    """uint8 pixels -> [-1, 1] floats, as the grid takes them (exact on uint8 values)."""
     return (pixels.float() / 127.5 - 1).numpy()
 
 
@@ -475,7 +473,8 @@ def evaluate_checkpoint(
     slots = [np.flatnonzero(heldout.labels[picked] == c) for c in classes]
     shown = {k: np.asarray(columns[k])[picked] for k in columns}
     if decode:
-        shown = {k: _decoded(v, net_info["encoder"], vae_path, device, vae_batch) for k, v in shown.items()}
+        decode_latents = vae.make_decoder(net_info["encoder"], vae_path, device, batch_size=vae_batch)  # loaded once
+        shown = {k: _to_signed(decode_latents(torch.from_numpy(np.ascontiguousarray(v)))) for k, v in shown.items()}
 
     def panel(images: np.ndarray) -> np.ndarray:
         blank = np.ones_like(images[:1, :3])
