@@ -24,6 +24,7 @@ import json
 import os
 from pathlib import Path
 
+from .data.download import classify_source
 from .fileio import hash_prefix
 from .settings import Settings
 
@@ -60,10 +61,13 @@ def _is_url(source: str) -> bool:
 
 
 def _local(source: str) -> Path | None:
-    """The local path of a path or file:// URL; None for a remote URL."""
-    if source.startswith("file://"):
-        return Path(source[len("file://"):])
-    return None if _is_url(source) else Path(source)
+    """The local path of a path or file:// URL, as the download reads it; None for a remote URL
+    (or a source the download would refuse: its job says why)."""
+    try:
+        kind, where = classify_source(source)
+    except ValueError:
+        return None
+    return Path(where) if kind == "local" else None
 
 
 def _readable(path: Path) -> str | None:

@@ -164,7 +164,7 @@ class _PartFile:
 # Sources.
 
 
-def _classify(source) -> tuple[str, str]:
+def classify_source(source) -> tuple[str, str]:
     """('http', url) or ('local', path) for a URL, a ``file://`` URL or a path."""
     text = os.fspath(source)
     parsed = urllib.parse.urlparse(text)
@@ -510,7 +510,7 @@ def download(
     """
     attempts, max_seconds, retry_wait_s = _bounds(attempts, max_seconds, retry_wait_s, retries, backoff)
     expected = _expected_digest(sha256)
-    kind, location = _classify(source)
+    kind, location = classify_source(source)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part_path = dest.with_name(dest.name + ".part")
