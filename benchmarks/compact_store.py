@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from coupling_stream import _clocks, make_set  # noqa: E402
+from coupling_stream import make_set, time_stream  # noqa: E402
 
 FORMAT = "remeanflow.compact-store-bench/1"
 GPU_SAMPLES_PER_S = 64 / 0.35  # one training process at the target step time (benchmarks/README.md)
@@ -42,18 +42,6 @@ NPY_HEADER = 128  # bytes of a .npy header for a small-rank float32 array
 
 def store_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("shard-*.zarr/**/*") if f.is_file())
-
-
-def time_stream(manifest: Path, *, batch: int, batches: int) -> dict[str, float]:
-    from remeanflow.coupling_set import open_couplings
-    from remeanflow.loader import CouplingStream
-
-    stream = CouplingStream(open_couplings(manifest), batch_size=batch, seed=0, window_chunks=4, prefetch=False)
-    start = _clocks()
-    for _ in range(batches):
-        next(stream)
-    end = _clocks()
-    return {clock: end[clock] - start[clock] for clock in ("cpu", "wall")}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[str, list[dict]] = {name: [] for name in layouts}
         for _ in range(args.repeats):
             for name in layouts:  # interleaved: both see the same machine load
-                runs[name].append(time_stream(manifests[name], batch=args.batch, batches=args.batches))
+                runs[name].append(time_stream(manifests[name], verify=True, batch=args.batch, window_chunks=4,
+                                               batches=args.batches))
     samples = args.batch * args.batches
     stream = {}
     for name, times in runs.items():
