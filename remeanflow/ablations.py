@@ -47,7 +47,7 @@ GROUPS = {
     "full-seed1": ("a", "the full method, training seed 1"),
     "data": ("a", "real images + independent noise instead of couplings"),
     "data-seed1": ("a", "real images + independent noise, training seed 1"),
-    "no-tuned-hyperparameters": ("b", "adaptive loss weight p, c -> plain MeanFlow's 1.0, 1e-3"),
+    "no-tuned-hyperparameters": ("b", "loss weight p, c and interval p_mean -> plain MeanFlow's"),
     "no-time-embedding-fit": ("b", "no fit: t/r embeddings = copies of the teacher's"),
     "uniform-t": ("b", "uniform t instead of U-shaped"),
     "no-high-variance-rule": ("b", "high-variance (r, t) rule off"),

@@ -5,6 +5,13 @@
 
 from remeanflow.launch import gpu_resources
 
+# What training reads: the couplings' manifest, or for the data-trained baseline (train.source: data,
+# the ablations' variant (a) run on its own) the preprocessed images, so that no couplings are made for it.
+if S.train.source == "data":
+    TRAIN_DATA = {"images": f"{RUN}/data/images.zarr"}
+else:
+    TRAIN_DATA = {"manifest": f"{RUN}/reflow/manifest.json"}
+
 
 rule init_time_embedding:
     input:
@@ -31,7 +38,7 @@ rule init_time_embedding:
 
 rule train_stage1:
     input:
-        manifest=f"{RUN}/reflow/manifest.json",
+        **TRAIN_DATA,
         init=f"{RUN}/time_emb/net.pt",
         teacher=f"{RUN}/teacher/net.pt",
         guide=f"{RUN}/teacher/guide.pt",
@@ -62,7 +69,7 @@ rule train_stage1:
 # Stage 2 continues from stage 1's train_state.pt; everything else is stage 1's rule.
 use rule train_stage1 as train_stage2 with:
     input:
-        manifest=f"{RUN}/reflow/manifest.json",
+        **TRAIN_DATA,
         init=f"{RUN}/train/stage1/train_state.pt",
         teacher=f"{RUN}/teacher/net.pt",
         guide=f"{RUN}/teacher/guide.pt",

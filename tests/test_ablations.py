@@ -30,6 +30,22 @@ def test_dry_run_lists_every_variant_and_all_has_no_ablation_job(tmp_path):
     assert not any(rule.startswith("ablation") for rule in default), default
 
 
+def test_the_data_overlay_run_alone_trains_on_the_images_without_making_couplings(tmp_path):
+    """presets/ablations/data.yaml as the run's own overlay: the training rules read data/images.zarr,
+    and nothing upstream of the trained net makes couplings."""
+    cfg = write_config(tmp_path)
+    target = "results/tiny/train/stage2/net_ema.pt"
+    overlay = str(ablations.REPO / "presets" / "ablations" / "data.yaml")
+    def dry_jobs(*configfiles):
+        proc = run_snakemake(tmp_path, None, "-n", target, "--configfile", *map(str, configfiles))
+        return job_counts(proc.stdout + proc.stderr)
+
+    data, couplings = dry_jobs(cfg, overlay), dry_jobs(cfg)
+    assert data.get("train_stage2") == 1 and data.get("preprocess_merge") == 1, data
+    assert not {"reflow_index", "couplings_shard", "couplings_merge"} & set(data), data
+    assert couplings.get("couplings_merge") == 1, couplings  # the same target with couplings needs them
+
+
 def test_an_overlay_that_changes_the_teacher_is_refused(tmp_path):
     cfg = write_config(tmp_path, {"ablations": {"variants": ["nonexistent"]}})
     proc = run_snakemake(tmp_path, cfg, "-n", "ablations", check=False)

@@ -35,9 +35,8 @@ with step(smk) as s:
                               "guide_sha256": net_sha256(smk.input.guide),
                               "sampler": settings.couplings.sampler.to_dict(), "seed": settings.seed},
     )
-    if data:  # the data-trained baseline reads the images (the ablation rule declares them as an input)
-        spec["images"] = smk.input.images if "images" in smk.input.keys() else \
-            f"{settings.results_dir}/{settings.run_name}/data/images.zarr"
+    if data:  # the data-trained baseline reads the images (both training rules declare them then)
+        spec["images"] = smk.input.images
     nodes = int(smk.resources.get("nodes", 1) or 1)
     keys = "train.processes / resources.train.gpu" + (" x resources.train.nodes" if nodes > 1 else "")
     # the first node's devices stand for every node's: Slurm gives each the same gres
