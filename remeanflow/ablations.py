@@ -403,7 +403,11 @@ def _num(v) -> float:
 def plot_summary(rows: list[dict], out_png, *, checkpoint: str, reference_heun_steps: int) -> None:
     """Two bar panels (one-step error against the teacher; pixel Frechet distance of the sampled
     set) over the variants, colour = group; a third panel: endpoint error against the reference
-    sampler per Heun steps of the coupling sets."""
+    sampler per Heun steps of the coupling sets.
+
+    The bar panels are logarithmic, each bar is labelled with its value and a dashed line marks the
+    first row's (the reference variant's): one diverged variant (e.g. 2-step couplings, FD ~800)
+    would otherwise flatten every other bar against the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -414,17 +418,27 @@ def plot_summary(rows: list[dict], out_png, *, checkpoint: str, reference_heun_s
     names = [r["variant"] for r in rows]
     groups = sorted({r["group"] for r in rows})
     colors = {g: f"C{i}" for i, g in enumerate(groups)}
-    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.35 * len(rows) + 1.5)))
+    fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.35 * len(rows) + 2.0)))
     for ax, key, title in ((axes[0], "one_step_mse_vs_teacher", f"one-step MSE vs teacher ({checkpoint})"),
                            (axes[1], "fd_pixels_sampled", f"pixel Frechet distance, sampled ({checkpoint})")):
         values = [_num(r[key]) for r in rows]
-        ax.barh(range(len(rows)), values, color=[colors[r["group"]] for r in rows])
+        shown = [v for v in values if v == v and v > 0]  # log axis: NaN (not measured) and 0 stay blank
+        ax.barh(range(len(rows)), [v if v == v and v > 0 else 0 for v in values],
+                color=[colors[r["group"]] for r in rows])
+        if shown:
+            ax.set_xscale("log")
+            ax.set_xlim(min(shown) / 1.5, max(shown) * 3)
+            if values[0] == values[0] and values[0] > 0:
+                ax.axvline(values[0], color="0.3", linestyle="--", linewidth=0.8)
+        for y, v in enumerate(values):
+            if v == v and v > 0:
+                ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows))
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
-        ax.grid(axis="x", alpha=0.3)
+        ax.grid(axis="x", alpha=0.3, which="both")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[g]) for g in groups]
-    axes[1].legend(handles, [f"claim {g}" for g in groups], fontsize=8, loc="lower right")
+    fig.legend(handles, [f"claim {g}" for g in groups], fontsize=8, loc="lower center", ncol=len(groups))
     points = sorted({(int(r["heun_steps"]), r["endpoint_mse_vs_ref"]) for r in rows
                      if r["heun_steps"] is not None and r["endpoint_mse_vs_ref"] is not None})
     ax = axes[2]
@@ -435,7 +449,7 @@ def plot_summary(rows: list[dict], out_png, *, checkpoint: str, reference_heun_s
     ax.set_xlabel("Heun steps of the coupling set")
     ax.set_title(f"endpoint MSE vs {reference_heun_steps}-step reference (held-out noise)", fontsize=10)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # room for the legend below the panels
     with atomic_path(out_png) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
