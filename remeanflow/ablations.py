@@ -423,17 +423,17 @@ def plot_summary(rows: list[dict], out_png, *, checkpoint: str, reference_heun_s
     fig, axes = plt.subplots(1, 3, figsize=(15, max(3.0, 0.35 * len(rows) + 2.0)))
     for ax, key, title in ((axes[0], "one_step_mse_vs_teacher", f"one-step MSE vs teacher ({checkpoint})"),
                            (axes[1], "fd_pixels_sampled", f"pixel Frechet distance, sampled ({checkpoint})")):
-        values = [_num(r[key]) for r in rows]
-        shown = [v for v in values if v == v and v > 0]  # log axis: NaN (not measured) and 0 stay blank
-        ax.barh(range(len(rows)), [v if v == v and v > 0 else 0 for v in values],
-                color=[colors[r["group"]] for r in rows])
+        # log axis: NaN (not measured) and 0 have no bar (None)
+        values = [v if v == v and v > 0 else None for v in (_num(r[key]) for r in rows)]
+        shown = [v for v in values if v is not None]
+        ax.barh(range(len(rows)), [v or 0 for v in values], color=[colors[r["group"]] for r in rows])
         if shown:
             ax.set_xscale("log")
             ax.set_xlim(min(shown) / 1.5, max(shown) * 3)
-            if values[0] == values[0] and values[0] > 0:
+            if values[0] is not None:
                 ax.axvline(values[0], color="0.3", linestyle="--", linewidth=0.8)
         for y, v in enumerate(values):
-            if v == v and v > 0:
+            if v is not None:
                 ax.annotate(f"{v:.3g}", (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=7)
         ax.set_yticks(range(len(rows)), names if ax is axes[0] else [""] * len(rows))
         ax.invert_yaxis()
