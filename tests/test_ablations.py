@@ -4,10 +4,12 @@ config, and the data-trained baseline's stream (remeanflow/data_stream.py)."""
 from __future__ import annotations
 
 import csv
+import re
 
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 from conftest import job_counts, run_snakemake, write_config
 
@@ -44,6 +46,19 @@ def test_the_data_overlay_run_alone_trains_on_the_images_without_making_coupling
     assert data.get("train_stage2") == 1 and data.get("preprocess_merge") == 1, data
     assert not {"reflow_index", "couplings_shard", "couplings_merge"} & set(data), data
     assert couplings.get("couplings_merge") == 1, couplings  # the same target with couplings needs them
+
+
+def test_seed_replicas_repeat_their_variant_with_only_the_training_seed_changed():
+    """An overlay `<name>-seed<N>` is a copy of `<name>.yaml` plus `train.seed: N`; a change to the
+    variant that its replica misses would compare two different methods under one name."""
+    def overlay(name):
+        return yaml.safe_load((ablations.REPO / ablations.overlay_path(name)).read_text()) or {}
+
+    replicas = [n for n in ablations.available() if re.fullmatch(r".+-seed\d+", n)]
+    assert {"full-seed1", "data-seed1", "no-tuned-hyperparameters-seed1", "uniform-t-seed1"} <= set(replicas)
+    for name in replicas:
+        base, seed = name.rsplit("-seed", 1)
+        assert overlay(name) == ablations.rmf_config.merge(overlay(base), {"train": {"seed": int(seed)}}), name
 
 
 def test_an_overlay_that_changes_the_teacher_is_refused(tmp_path):
