@@ -30,12 +30,15 @@ __all__ = [
     "OutputWriteError",
     "WriteRecorder",
     "atomic_path",
+    "cached_sha256",
     "content_hash",
+    "file_identity",
     "json_sha256",
     "output_write_error",
     "remove_stale_temporaries",
     "sha256_file",
     "tree_checksum",
+    "write_side_digest",
 ]
 
 
@@ -54,6 +57,69 @@ def sha256_file(path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Cached digests: trusted only while the file is the one they were taken of.
+
+SIDE_SUFFIX = ".sha256"
+_IDENTITY_PREFIX = "# identity "
+
+
+def file_identity(path) -> dict[str, int]:
+    """(size, mtime_ns, inode) of a file; of a directory, those of every content file folded into
+    one digest. A cached digest stands for the bytes only while this is unchanged: a rewrite,
+    replacement or copy changes at least one of them."""
+    path = Path(path)
+    if not path.is_dir():
+        st = path.stat()
+        return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    h = hashlib.sha256()
+    for p in _content_files(path):
+        st = p.stat()
+        h.update(f"{p.relative_to(path).as_posix()}\0{st.st_size} {st.st_mtime_ns} {st.st_ino}\n".encode())
+    return {"tree": h.hexdigest()}
+
+
+def side_digest_path(path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDE_SUFFIX)
+
+
+def write_side_digest(path, digest: str | None = None, identity: dict | None = None) -> str:
+    """Write ``<path>.sha256`` in ``sha256sum`` format (``sha256sum -c`` checks it; it skips the
+    ``#`` line) with the file's identity on a comment line; returns the digest.
+
+    ``digest`` and ``identity`` may be given when the caller hashed the bytes while writing them
+    (a download) and ``path`` is not yet at its final name (identity survives a rename)."""
+    path = Path(path)
+    identity = file_identity(path) if identity is None else identity  # before hashing: a write meanwhile shows
+    digest = sha256_file(path) if digest is None else digest
+    fields = " ".join(f"{k}={v}" for k, v in sorted(identity.items()))
+    with atomic_path(side_digest_path(path)) as tmp:
+        tmp.write_text(f"{digest}  {path.name}\n{_IDENTITY_PREFIX}{fields}\n")
+    return digest
+
+
+def read_side_digest(path) -> str | None:
+    """The digest of ``<path>.sha256`` if it was taken of the file as it is now (same identity);
+    None without a side file, with one from before identities were recorded, or with a stale one."""
+    side = side_digest_path(path)
+    try:
+        lines = side.read_text().splitlines()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    recorded = next((line[len(_IDENTITY_PREFIX):] for line in lines if line.startswith(_IDENTITY_PREFIX)), None)
+    if not lines or recorded is None:
+        return None
+    fields = " ".join(f"{k}={v}" for k, v in sorted(file_identity(path).items()))
+    return lines[0].split()[0] if recorded == fields else None
+
+
+def cached_sha256(path) -> str:
+    """sha256 of a file from its ``.sha256`` side file while that was taken of these very bytes
+    (``read_side_digest``), else hashed now. Never trusts a side file the file has outlived."""
+    return read_side_digest(path) or sha256_file(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,13 +351,17 @@ def json_sha256(obj) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _content_files(root: Path) -> list[Path]:
+    files = (q for q in root.rglob("*") if q.is_file())
+    return sorted(q for q in files if q.name not in _NOT_CONTENT and not q.name.endswith(_NOT_CONTENT_SUFFIX))
+
+
 def tree_checksum(path) -> str:
     """sha256 over (relative path, file sha256) of every file under a directory, in sorted order.
     Stable across machines for the same content; used for Zarr stores and other directory outputs."""
     root = Path(path)
     h = hashlib.sha256()
-    files = (q for q in root.rglob("*") if q.is_file())
-    for p in sorted(q for q in files if q.name not in _NOT_CONTENT and not q.name.endswith(_NOT_CONTENT_SUFFIX)):
+    for p in _content_files(root):
         h.update(p.relative_to(root).as_posix().encode() + b"\0" + sha256_file(p).encode() + b"\n")
     return h.hexdigest()
 

@@ -3,8 +3,9 @@
 A sidecar records what made the artifact: the rule and wildcards, the config subset the rule
 depends on (and its hash), every input with its content hash, the code version (git commit, dirty
 flag and a hash of the package sources), package versions, host, devices, times and seeds. Input
-hashes are taken from the input's own sidecar when it has one, so a 100 GB store is hashed once, by
-the rule that wrote it, and lineage can be followed sidecar to sidecar back to the raw archive.
+hashes are taken from the input's own sidecar while the input is still the file or tree it hashed
+(same size, mtime and inode of every file), so a 100 GB store is hashed once, by the rule that
+wrote it, and lineage can be followed sidecar to sidecar back to the raw archive.
 
 `verify` re-hashes the artifact and every node of its lineage once and compares each with every
 hash recorded for it (its own sidecar's and its consumers'); `python -m remeanflow provenance
@@ -26,7 +27,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from .fileio import atomic_path, content_hash, json_sha256
+from .fileio import atomic_path, content_hash, file_identity, json_sha256
 
 SUFFIX = ".provenance.json"
 FORMAT = "remeanflow-provenance-v1"
@@ -179,13 +180,16 @@ def read(artifact) -> dict | None:
 
 
 def describe_input(path) -> dict:
-    """Path, content hash (from the input's own sidecar when present) and sidecar link."""
+    """Path, content hash and sidecar link. The hash is taken from the input's own sidecar only
+    while the input is the very file (or tree) that sidecar hashed (`fileio.file_identity`), so a
+    100 GB store is not hashed again by every consumer; a replaced or edited input is hashed now."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"provenance: input {path} does not exist")
     side = read(path)
-    if side is not None and side.get("output", {}).get("sha256"):
-        digest, source = side["output"]["sha256"], "sidecar"
+    recorded = (side or {}).get("output", {})
+    if recorded.get("sha256") and recorded.get("identity") == file_identity(path):
+        digest, source = recorded["sha256"], "sidecar"
     else:
         digest, source = content_hash(path), "computed"
     entry = {"path": str(path), "sha256": digest, "hash_source": source}
@@ -215,11 +219,13 @@ def write(
     if not artifact.exists():
         raise FileNotFoundError(f"provenance: artifact {artifact} does not exist")
     named = inputs if isinstance(inputs, dict) else {"input": list(inputs)}
+    identity = file_identity(artifact)  # before hashing: a write meanwhile makes the record unusable as a cache
     record = {
         "format": FORMAT,
         "rule": rule,
         "wildcards": dict(wildcards or {}),
-        "output": {"path": str(artifact), "sha256": content_hash(artifact), "kind": "dir" if artifact.is_dir() else "file"},
+        "output": {"path": str(artifact), "sha256": content_hash(artifact), "kind": "dir" if artifact.is_dir() else "file",
+                   "identity": identity},
         "config": config,
         "config_hash": stable_hash(config),
         "inputs": {name: [describe_input(p) for p in paths] for name, paths in named.items()},

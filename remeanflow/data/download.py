@@ -5,7 +5,8 @@ Guarantees, whatever the source:
 * bytes go to ``<dest>.part``; ``dest`` appears only by an atomic rename after the transfer is
   complete and (when a digest is given) verified, so a crash never leaves a ``dest`` that looks
   finished;
-* ``<dest>.sha256`` (``sha256sum`` format) is written before that rename;
+* ``<dest>.sha256`` (``sha256sum`` format, with the file's identity on a comment line, so that a
+  reader trusts it only for these bytes: ``fileio.read_side_digest``) is written before that rename;
 * a checksum mismatch raises ``ChecksumError`` and deletes ``.part``.
 
 HTTP specifics:
@@ -461,8 +462,8 @@ def _finish(part_path: Path, dest: Path, digest: str, expected: str | None) -> N
     if expected is not None and digest != expected:
         part_path.unlink()
         raise ChecksumError(dest, expected, digest)
-    with fileio.atomic_path(dest.with_name(dest.name + ".sha256")) as tmp:
-        tmp.write_text(f"{digest}  {dest.name}\n")
+    # the part file's identity is dest's after the rename (same inode, size and mtime)
+    fileio.write_side_digest(dest, digest, identity=fileio.file_identity(part_path))
     os.replace(part_path, dest)
 
 
