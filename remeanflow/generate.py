@@ -3,7 +3,8 @@
 * `sample`: one-step (or K-step MeanFlow) samples of any network file the pipeline writes (a
   stage's EMA net ``train/<stage>/net_ema.pt``, an EMA snapshot
   ``train/work/<stage>/snapshots/ema-step-XXXXXXXX.pt``, in fact any `checkpoints.save_net` file)
-  or of an exported generator (below), as one PNG per sample or as one labelled grid.
+  or of an exported generator (below), as one PNG per sample into a folder, or as one labelled
+  grid when `out` ends in ``.png`` (other image suffixes are refused: the grid is a PNG).
 * `export` / `load_generator`: the generator as ``model.safetensors`` plus a ``model.json`` card
   (architecture, encoder, class list, training provenance), loadable without this project's
   checkpoint format and without pickle.
@@ -22,9 +23,10 @@ Which sample is which (the contract that makes one sample regenerable on its own
   batch shape. A sample's pixels are then the same whichever other samples share its pass; they are
   bit-identical for the same (checkpoint, seed, class, j, steps, batch) on the same device and
   software. Another `batch` (another kernel shape) may change a pixel by one level here and there.
-* Every PNG carries a ``remeanflow`` text chunk (JSON: net sha256, class, synset, j, sample id,
-  seed, steps, batch) from which it can be regenerated; it holds no path or time, so the same
-  request gives the same bytes.
+* Every PNG carries a ``remeanflow`` text chunk (JSON: net sha256, what it was verified against,
+  class, synset, j, sample id, seed, steps, batch) from which it can be regenerated; it holds no
+  path or time, so the same request gives the same bytes. The sha256 is of the bytes loaded (a
+  ``.sha256`` side file only while it was taken of that very file).
 
 Class names are the run's synsets in class-index order: from `labels_csv` when given, else from an
 exported generator's card, else from the run folder of the checkpoint (the nearest parent folder
@@ -36,18 +38,29 @@ state_dict (float32, EDM2 parameter names plus ``unet.emb_noise_t`` / ``unet.emb
 ``model.json`` holds ``format``, ``format_version``, ``weights`` (file, sha256, parameter count),
 ``architecture`` (``networks.Precond`` and its ``init_kwargs``), ``encoder`` (EDM2 encoder settings:
 pixels, or SD-VAE latents and their scaling), ``classes`` (synsets, or null), ``sampling`` (how to
-draw a sample), ``source`` (the checkpoint's name within its run, sha256 and meta) and
-``provenance`` (from the checkpoint's ``.provenance.json`` sidecar: rule, ``output_sha256``,
-``config_hash``, ``code``; null for files without one, such as snapshots). No absolute path is
-stored, so an export can be moved or shared.
+draw a sample), ``source`` (the checkpoint's name within its run, its ``path`` relative to the
+export folder, sha256 and meta) and ``provenance`` (from the checkpoint's ``.provenance.json``
+sidecar: rule, ``output_sha256``, ``config_hash``, ``code``; null for files without one, such as
+snapshots). No absolute path is stored, so an export can be moved or shared. Beside them,
+``model.safetensors.provenance.json`` (rule ``export``, the source checkpoint as input) links the
+export into the run's lineage (`python -m remeanflow provenance`).
+
+What a load checks (docs/using-a-trained-model.md): the weights' bytes against the card's sha256;
+then, when the source checkpoint is reachable (at ``source.path``, or given as `source`), the
+card's source sha256 against the checkpoint's bytes and its run's provenance record, and the
+exported tensors against the checkpoint's net, so weights edited together with the card's digest
+are refused, naming both files. Without the source, the export is verified against its own card
+only, and `verified` (``card-only``) and a warning say so: a card cannot vouch for itself.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -59,9 +72,9 @@ import numpy as np
 import torch
 import tqdm
 
-from . import checkpoints, figures, networks, sampling
+from . import checkpoints, figures, networks, provenance, sampling
 from . import vae as vae_lib  # `vae` is also sample()'s argument
-from .fileio import atomic_path, sha256_file
+from .fileio import atomic_path, cached_sha256, file_identity
 from .misc import require_int
 
 log = logging.getLogger(__name__)
@@ -73,6 +86,12 @@ CARD_NAME = "model.json"
 ID_STRIDE = 1_000_000  # sample id = class index * ID_STRIDE + j (module docstring)
 PNG_KEY = "remeanflow"  # PNG text chunk with what regenerates the image
 RUN_SEARCH_DEPTH = 5  # parents of a checkpoint searched for the run's data/ (snapshots sit 4 deep)
+EXPORT_RULE = "export"  # the rule name in an export's provenance sidecar
+# What a loaded generator's digest was checked against (`Generator.verified`, sample's summary and
+# PNG metadata): the checkpoint file itself; an export's weights against its card and the card
+# against the source checkpoint (tensor-equal); an export against its own card only (its source not
+# reachable: a consistent edit of weights and card is not detectable); nothing (verify=False).
+VERIFIED = ("checkpoint", "source", "card-only", "none")
 
 # Labelled grid layout (pixels): each image upscaled by nearest neighbour to at least MIN_CELL,
 # a LABEL_HEIGHT strip with the class name above each row, PAD between and around everything.
@@ -91,10 +110,11 @@ class Generator:
     net: networks.Precond  # eval mode, no grads, on the CPU until moved
     encoder: dict  # EDM2 encoder settings (checkpoints format)
     meta: dict  # the checkpoint's meta (step, stage, training config hash, ...)
-    sha256: str  # of the checkpoint file, or of an export's weights file
+    sha256: str  # of the checkpoint file, or of an export's weights file, as read
     kind: str  # "checkpoint" or "export"
     path: Path  # what was opened
     card: dict | None  # an export's model.json
+    verified: str  # what `sha256` was checked against: one of VERIFIED
 
 
 def _first_line(e: BaseException) -> str:
@@ -112,9 +132,22 @@ def _is_export(path: Path) -> bool:
     return path.is_dir() or path.suffix == ".safetensors" or path.name == CARD_NAME
 
 
-def open_generator(path) -> Generator:
+@contextlib.contextmanager
+def _unchanged(path: Path):
+    """Raise if `path` is replaced or rewritten while the block hashes and loads it, so that a
+    digest taken in the block is the digest of the bytes the block loaded."""
+    before = file_identity(path)
+    yield
+    if file_identity(path) != before:
+        raise ValueError(f"{path}: changed while it was being read (another process wrote it); "
+                         "run again once that write has finished")
+
+
+def open_generator(path, *, source=None) -> Generator:
     """Open a project network checkpoint (.pt) or an exported generator (folder, its
-    model.safetensors or its model.json). Errors name the file and say what was expected."""
+    model.safetensors or its model.json; `source`: see `load_generator`). Errors name the file and
+    say what was expected. The digest is of the bytes loaded (a `.sha256` side file is reused only
+    while it was taken of this very file, `fileio.cached_sha256`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(
@@ -122,13 +155,19 @@ def open_generator(path) -> Generator:
             "results/<run>/train/stage2/net_ema.pt, or a folder written by `remeanflow export`)"
         )
     if _is_export(path):
-        loaded = load_generator(path)
+        loaded = load_generator(path, source=source)
         card = loaded["card"]
         return Generator(net=loaded["net"], encoder=loaded["encoder"], meta=loaded["meta"],
-                         sha256=card["weights"]["sha256"], kind="export", path=path, card=card)
-    loaded = _load_checkpoint(path)
+                         sha256=card["weights"]["sha256"], kind="export", path=path, card=card,
+                         verified=loaded["verification"]["verified"])
+    if source is not None:
+        raise ValueError(f"{path}: a checkpoint has no source to check it against (source=, --source is for "
+                         "exported generators)")
+    with _unchanged(path):
+        digest = cached_sha256(path)
+        loaded = _load_checkpoint(path)
     return Generator(net=loaded["net"], encoder=loaded["encoder"] or {}, meta=loaded["meta"] or {},
-                     sha256=checkpoints.net_sha256(path), kind="checkpoint", path=path, card=None)
+                     sha256=digest, kind="checkpoint", path=path, card=None, verified="checkpoint")
 
 
 def _load_checkpoint(path: Path) -> dict:
@@ -396,6 +435,7 @@ def sample(
     device=None,
     progress: bool = True,
     start: int = 0,
+    source=None,
 ) -> dict:
     """Samples of a generator for the given classes, as PNGs or one labelled grid.
 
@@ -406,7 +446,8 @@ def sample(
     per_class: samples per class, j = start .. start + per_class - 1.
     seed: noise seed; sample j of class c uses sample id c * ID_STRIDE + j (module docstring).
     steps: MeanFlow steps (1 = the one-step generator; K > 1 = `sampling.meanflow_sample`).
-    out: grid=False: a folder, receiving ``<synset-or-index>_<j>.png``; grid=True: the PNG file.
+    out: a folder, receiving ``<synset-or-index>_<j>.png``; or a ``.png`` file, receiving the
+        grid (implies grid). Other image suffixes (.jpg, ...) are refused (`_sheet_or_folder`).
     grid: one PNG with a row per class (its name above it) and a column per sample.
     vae: local diffusers AutoencoderKL folder; required for latent-space nets, unused otherwise.
     labels_csv: a run's data/labels.csv naming the classes (default: the card's class list for an
@@ -415,10 +456,13 @@ def sample(
     device: "cpu", "cuda", "cuda:1", ...; default CUDA when available.
     progress: tqdm bar over the batches.
     start: index j of the first sample of each class (start=j, per_class=1: sample j alone).
+    source: for an export, the checkpoint it was made from, when not where its card says
+        (`load_generator`).
 
-    Returns a summary: checkpoint, kind, sha256, encoder, classes [{index, name}], per_class,
-    start, seed, steps, batch, device, image_shape, num_images, sample_id (the scheme) and
-    ``files`` (individual PNGs) or ``grid`` + ``grid_size`` (width, height), seconds.
+    Returns a summary: checkpoint, kind, sha256, verified (one of VERIFIED), encoder, classes
+    [{index, name}], per_class, start, seed, steps, batch, device, image_shape, num_images,
+    sample_id (the scheme) and ``files`` (individual PNGs) or ``grid`` + ``grid_size`` (width,
+    height), seconds. Each PNG's metadata carries sha256 and verified too.
     """
     t0 = time.time()
     require_int("per_class", per_class, 1, ID_STRIDE + 1)
@@ -427,17 +471,17 @@ def sample(
     require_int("batch", batch, 1)
     sampling.per_sample_noise(seed, [], (1,))  # validates the seed before any work
     out = Path(out)
-    _check_out(out, grid)
-    gen = open_generator(checkpoint)
+    grid = _sheet_or_folder(out, grid)
+    gen = open_generator(checkpoint, source=source)
     chosen = resolve_classes(classes, class_list_for(gen, labels_csv), gen.net.label_dim)
     dev = _resolve_device(device)
     decode = _decoder(gen, vae, dev)
     items = [(c, j) for c, _ in chosen for j in range(start, start + per_class)]
     passes = iter_pixels(gen.net.to(dev), items, seed=seed, steps=steps, batch=batch, decode=decode, device=dev,
                          progress=progress)
-    common = dict(net_sha256=gen.sha256, seed=int(seed), steps=int(steps), batch=int(batch),
+    common = dict(net_sha256=gen.sha256, verified=gen.verified, seed=int(seed), steps=int(steps), batch=int(batch),
                   sample_id=f"class_index * {ID_STRIDE} + j")
-    summary = dict(checkpoint=str(checkpoint), kind=gen.kind, sha256=gen.sha256,
+    summary = dict(checkpoint=str(checkpoint), kind=gen.kind, sha256=gen.sha256, verified=gen.verified,
                    encoder=gen.encoder.get("class_name", vae_lib.PIXEL_ENCODER),
                    classes=[dict(index=c, name=n) for c, n in chosen], per_class=int(per_class), start=int(start),
                    seed=int(seed), steps=int(steps), batch=int(batch), device=str(dev), num_images=len(items),
@@ -454,13 +498,28 @@ def sample(
     return summary
 
 
-def _check_out(out: Path, grid: bool) -> None:
-    if grid and out.suffix.lower() != ".png":
+# Suffixes that name one image file: without --grid such an `out` would be a folder named like an
+# image (what `--out grid.png` once made), so .png means the sheet and the others are refused.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+def _sheet_or_folder(out: Path, grid: bool) -> bool:
+    """Whether `out` receives one grid (True) or one PNG per sample (False): a ``.png`` name is the
+    grid, with or without `grid`; other image names are refused, naming the flag and suffix to use."""
+    suffix = out.suffix.lower()
+    if grid and suffix != ".png":
         raise ValueError(f"{out}: with grid=True (--grid), out is the grid's .png file")
+    if suffix in IMAGE_SUFFIXES and suffix != ".png":
+        raise ValueError(f"{out}: names a {suffix} image, but samples are written as PNG: give a .png file "
+                         "for one labelled grid (--grid is then implied), or a folder name without an image "
+                         "suffix for one PNG per sample")
+    grid = grid or suffix == ".png"
     if grid and out.is_dir():
-        raise ValueError(f"{out}: is a folder; with grid=True (--grid), out is the grid's .png file")
+        raise ValueError(f"{out}: is a folder, but a .png name means one grid image: remove or rename the "
+                         "folder, or give a folder name without an image suffix for one PNG per sample")
     if not grid and out.exists() and not out.is_dir():
         raise ValueError(f"{out}: is a file; without grid, out is the folder for one PNG per sample")
+    return grid
 
 
 def _save_individual(passes, names: dict[int, str], out: Path, common: dict) -> dict:
@@ -485,20 +544,28 @@ def _json_safe(value):
     return json.loads(json.dumps(value, default=str))
 
 
-def _provenance_digest(checkpoint: Path) -> dict | None:
-    """rule, output_sha256, config_hash and code of a checkpoint's provenance sidecar, or None."""
-    from .provenance import sidecar_path
-
-    side = sidecar_path(checkpoint)
-    if not side.is_file():
+def _run_record(checkpoint: Path, digest: str) -> dict | None:
+    """The provenance sidecar the checkpoint's run wrote (None without one), checked to describe
+    the bytes whose sha256 is `digest`: a sidecar that records another digest is about a file that
+    was replaced or edited after the run wrote it, and the run vouches for nothing that is there now."""
+    record = provenance.read(checkpoint)  # a ValueError naming the sidecar if it is not JSON
+    if record is None:
         return None
-    try:
-        record = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{side}: unreadable provenance sidecar ({_first_line(e)})") from e
-    return dict(sidecar=side.name, rule=record.get("rule"), wildcards=record.get("wildcards"),
-                output_sha256=(record.get("output") or {}).get("sha256"), config_hash=record.get("config_hash"),
-                code=record.get("code"), finished=record.get("finished"))
+    recorded = (record.get("output") or {}).get("sha256")
+    if recorded != digest:
+        raise ValueError(f"{checkpoint}: sha256 {digest}, but its run recorded {recorded} in "
+                         f"{provenance.sidecar_path(checkpoint)}: the file was replaced or edited after the run wrote "
+                         "it, so the run does not vouch for it; rerun the rule that writes it")
+    return record
+
+
+def _provenance_digest(record: dict | None, checkpoint: Path) -> dict | None:
+    """rule, output_sha256, config_hash and code of a checkpoint's provenance record, or None."""
+    if record is None:
+        return None
+    return dict(sidecar=provenance.sidecar_path(checkpoint).name, rule=record.get("rule"),
+                wildcards=record.get("wildcards"), output_sha256=(record.get("output") or {}).get("sha256"),
+                config_hash=record.get("config_hash"), code=record.get("code"), finished=record.get("finished"))
 
 
 def _name_in_run(checkpoint: Path) -> str:
@@ -510,8 +577,10 @@ def _name_in_run(checkpoint: Path) -> str:
     return checkpoint.name
 
 
-def build_card(gen: Generator, weights_sha256: str, class_list: ClassList | None) -> dict:
-    """The model.json card of an export of the checkpoint `gen` (module docstring)."""
+def build_card(gen: Generator, weights_sha256: str, class_list: ClassList | None, *, out_dir: Path,
+               run_record: dict | None) -> dict:
+    """The model.json card of an export of the checkpoint `gen` into `out_dir` (module docstring);
+    `run_record`: the checkpoint's provenance sidecar (`_run_record`)."""
     net, checkpoint = gen.net, gen.path
     meta = _json_safe(gen.meta)
     return {
@@ -531,18 +600,38 @@ def build_card(gen: Generator, weights_sha256: str, class_list: ClassList | None
             "noise": "remeanflow.sampling.per_sample_noise: numpy Philox keyed by (sample id, seed), stream 0",
             "sample_id": f"class_index * {ID_STRIDE} + j (remeanflow.generate)",
         },
-        "source": {"checkpoint": _name_in_run(checkpoint), "sha256": gen.sha256,
-                   "format": checkpoints.FORMAT, "meta": meta,
+        # `path` (relative to the export folder) is where `load_generator` looks for the source to
+        # check the weights against; it stays valid while export and run move together.
+        "source": {"checkpoint": _name_in_run(checkpoint),
+                   "path": Path(os.path.relpath(checkpoint.resolve(), out_dir.resolve())).as_posix(),
+                   "sha256": gen.sha256, "format": checkpoints.FORMAT, "meta": meta,
                    "training_config_hash": meta.get("config_hash")},
-        "provenance": _provenance_digest(checkpoint),
+        "provenance": _provenance_digest(run_record, checkpoint),
     }
+
+
+def _write_export_record(weights: Path, checkpoint: Path, digest: str, labels_csv) -> dict:
+    """``model.safetensors.provenance.json``: the export as a step of the run's lineage (`python -m
+    remeanflow provenance <export>/model.safetensors [--verify]`), with the source checkpoint (sha256
+    `digest`, as loaded) as its input. Refuses a checkpoint that changed while it was exported."""
+    inputs = {"checkpoint": [str(checkpoint)]}
+    if labels_csv is not None:
+        inputs["labels"] = [str(labels_csv)]
+    record = provenance.write(weights, rule=EXPORT_RULE, config={"format": FORMAT, "format_version": FORMAT_VERSION},
+                              inputs=inputs, extra={"card": CARD_NAME})
+    recorded = record["inputs"]["checkpoint"][0]["sha256"]
+    if recorded != digest:
+        raise ValueError(f"{checkpoint}: changed while it was exported (sha256 {digest} when loaded, {recorded} "
+                         "after); export again once whatever writes it has finished")
+    return record
 
 
 def export(checkpoint, out_dir, *, labels_csv=None) -> dict:
     """Write a checkpoint's net as ``<out_dir>/model.safetensors`` plus its ``model.json`` card
-    (module docstring); returns the card.
+    and the weights' provenance sidecar (module docstring); returns the card.
 
-    checkpoint: a project network checkpoint (``net_ema.pt``, a snapshot, ...).
+    checkpoint: a project network checkpoint (``net_ema.pt``, a snapshot, ...). One with a
+        provenance sidecar must still be the file its run recorded (`_run_record`).
     out_dir: the export folder (created; existing model.* files in it are replaced).
     labels_csv: the class list to record; default: the checkpoint's run (`find_run_classes`).
     """
@@ -552,6 +641,7 @@ def export(checkpoint, out_dir, *, labels_csv=None) -> dict:
     if checkpoint.exists() and _is_export(checkpoint):
         raise ValueError(f"{checkpoint}: already an exported generator (export takes a network checkpoint .pt)")
     gen = open_generator(checkpoint)
+    run_record = _run_record(checkpoint, gen.sha256)
     class_list = class_list_for(gen, labels_csv)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"{out_dir}: is a file; the export goes to a folder")
@@ -560,7 +650,8 @@ def export(checkpoint, out_dir, *, labels_csv=None) -> dict:
     weights = out_dir / WEIGHTS_NAME
     with atomic_path(weights) as tmp:
         save_file(state, str(tmp), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    card = build_card(gen, sha256_file(weights), class_list)
+    record = _write_export_record(weights, checkpoint, gen.sha256, labels_csv)
+    card = build_card(gen, record["output"]["sha256"], class_list, out_dir=out_dir, run_record=run_record)
     with atomic_path(out_dir / CARD_NAME) as tmp:  # the card last: it marks a complete export
         Path(tmp).write_text(json.dumps(card, indent=2) + "\n")
     return card
@@ -589,17 +680,91 @@ def read_card(path) -> dict:
     return card
 
 
-def load_generator(path, *, verify: bool = True) -> dict:
-    """Rebuild an exported generator from its two files alone.
-
-    path: the export folder, its model.safetensors or its model.json.
-    verify: check the weights' sha256 against the card.
-    Returns dict(net=networks.Precond in eval mode without grads (CPU), card, init_kwargs, encoder,
-    meta), like `checkpoints.load_net` plus the card.
-    """
+def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{weights}: not a safetensors file ({_first_line(e)})") from e
+
+
+def _first_difference(state: dict, reference: dict) -> str | None:
+    """What first differs between two state_dicts (names, dtype or any element), or None."""
+    if state.keys() != reference.keys():
+        return f"the parameter names ({sorted(state.keys() ^ reference.keys())[:3]})"
+    for name, value in state.items():
+        if value.dtype != reference[name].dtype or not torch.equal(value, reference[name]):
+            return f"tensor {name!r}"
+    return None
+
+
+def _card_source_path(card_path: Path, recorded: dict) -> Path | None:
+    """Where the card says its source checkpoint is (``source.path``, relative to the export
+    folder), or None for a card without one."""
+    return card_path.parent / recorded["path"] if recorded.get("path") else None
+
+
+def _verify_source(card_path: Path, card: dict, weights: Path, state: dict, source) -> dict:
+    """Check the card against the checkpoint it names (`source` overrides where): the checkpoint's
+    sha256 is the card's, its run's provenance record agrees, and its net's tensors equal the
+    exported ones. -> {verified: "source" | "card-only", source: its path or None}; without a
+    reachable source, a warning that only the card vouches for the weights."""
+    recorded = card.get("source") or {}
+    located = Path(source) if source is not None else _card_source_path(card_path, recorded)
+    if located is None or not located.is_file():
+        if source is not None:
+            raise FileNotFoundError(f"{source}: no such source checkpoint (source=, --source: the checkpoint the "
+                                    "export was made from)")
+        log.warning("%s: verified against its own card %s only: the source checkpoint %s is not at %s, so weights "
+                    "edited together with the card's digest would go unnoticed; pass the checkpoint (source=..., "
+                    "--source) to check the weights against it", weights, card_path, recorded.get("checkpoint"),
+                    located or "a path the card records")
+        return {"verified": "card-only", "source": None}
+    with _unchanged(located):
+        digest = cached_sha256(located)
+        if digest != recorded.get("sha256"):
+            raise ValueError(f"{card_path}: made from a checkpoint with sha256 {recorded.get('sha256')}, but its "
+                             f"source {located} has sha256 {digest}: the checkpoint was retrained or replaced since the "
+                             "export, or the card was edited; export it again, or pass the checkpoint it was made "
+                             "from (source=..., --source)")
+        _run_record(located, digest)
+        reference = _load_checkpoint(located)["net"].state_dict()
+    differs = _first_difference(state, reference)
+    if differs is not None:
+        raise ValueError(f"{weights}: {differs} differs from the source checkpoint {located} that its card {card_path} "
+                         "names (the checkpoint itself matches the card): the weights were changed after export and "
+                         "the card's digest made to match; do not use this export, export the checkpoint again")
+    return {"verified": "source", "source": str(located)}
+
+
+def _check_export_record(weights: Path, digest: str, card: dict) -> None:
+    """The export's own provenance sidecar, when it travels with it, agrees with the weights read
+    and the card's source (it is as editable as the card: a consistency check, not a proof)."""
+    record = provenance.read(weights)
+    if record is None:
+        return
+    side = provenance.sidecar_path(weights)
+    source = ((record.get("inputs") or {}).get("checkpoint") or [{}])[0].get("sha256")
+    if (record.get("output") or {}).get("sha256") != digest or source != (card.get("source") or {}).get("sha256"):
+        raise ValueError(f"{weights}: its provenance sidecar {side} records other weights or another source checkpoint "
+                         "than the card and the weights read: one of the export's files was changed or replaced; "
+                         "export the checkpoint again")
+
+
+def load_generator(path, *, verify: bool = True, source=None) -> dict:
+    """Rebuild an exported generator from its files, checked as far as they can be.
+
+    path: the export folder, its model.safetensors or its model.json.
+    verify: check the weights' sha256 against the card, the card against its source checkpoint when
+        that is reachable (`_verify_source`) and against the export's provenance sidecar when present;
+        False: no check at all (verified "none").
+    source: the checkpoint the export was made from, when it is not at the card's ``source.path``
+        (relative to the export folder); it must exist.
+    Returns dict(net=networks.Precond in eval mode without grads (CPU), card, init_kwargs, encoder,
+    meta, verification={verified: one of VERIFIED, source: the checkpoint checked against or None}).
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such exported generator")
@@ -608,13 +773,17 @@ def load_generator(path, *, verify: bool = True) -> dict:
     weights = card_path.parent / card["weights"].get("file", WEIGHTS_NAME)
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing: the card {card_path} names it as the weights file")
-    if verify and sha256_file(weights) != card["weights"].get("sha256"):
-        raise ValueError(f"{weights}: sha256 differs from the one recorded in {card_path}: the weights changed "
-                         "or belong to another export")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"{weights}: not a safetensors file ({_first_line(e)})") from e
+    if verify:
+        with _unchanged(weights):
+            digest = cached_sha256(weights)
+            if digest != card["weights"].get("sha256"):
+                raise ValueError(f"{weights}: sha256 differs from the one recorded in {card_path}: the weights changed "
+                                 "or belong to another export")
+            state = _read_weights(weights)
+        verification = _verify_source(card_path, card, weights, state, source)
+        _check_export_record(weights, digest, card)
+    else:
+        state, verification = _read_weights(weights), {"verified": "none", "source": None}
     init_kwargs = card["architecture"].get("init_kwargs")
     try:
         net = networks.Precond(**init_kwargs)
@@ -623,7 +792,7 @@ def load_generator(path, *, verify: bool = True) -> dict:
         raise ValueError(f"{weights}: weights do not match the architecture in {card_path} ({_first_line(e)})") from e
     net.eval().requires_grad_(False)
     return dict(net=net, card=card, init_kwargs=init_kwargs, encoder=card["encoder"],
-                meta=(card.get("source") or {}).get("meta") or {})
+                meta=(card.get("source") or {}).get("meta") or {}, verification=verification)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,7 +812,7 @@ def _sample_command(args) -> int:
         summary = sample(args.checkpoint, classes=_split_classes(args.classes), per_class=args.per_class,
                          seed=args.seed, steps=args.steps, out=args.out, grid=args.grid, vae=args.vae,
                          labels_csv=args.labels, batch=args.batch, device=args.device,
-                         progress=not args.quiet, start=args.start)
+                         progress=not args.quiet, start=args.start, source=args.source)
     except CLI_ERRORS as e:
         print(f"remeanflow sample: {e}", file=sys.stderr)
         return 2
@@ -651,8 +820,10 @@ def _sample_command(args) -> int:
         print(json.dumps(summary, indent=2))
     else:
         where = summary.get("grid") or args.out
+        checked = {"source": "; export verified against its source checkpoint",
+                   "card-only": "; export verified against its own card only (source checkpoint not found)"}
         print(f"wrote {summary['num_images']} samples ({len(summary['classes'])} classes x {args.per_class}, "
-              f"{args.steps} step{'s' if args.steps > 1 else ''}) to {where}")
+              f"{args.steps} step{'s' if args.steps > 1 else ''}) to {where}{checked.get(summary['verified'], '')}")
     return 0
 
 
@@ -663,7 +834,7 @@ def _export_command(args) -> int:
         print(f"remeanflow export: {e}", file=sys.stderr)
         return 2
     classes = card["classes"]["num_classes"] if card["classes"] else "no class list"
-    print(f"wrote {Path(args.out) / WEIGHTS_NAME} and {Path(args.out) / CARD_NAME} "
+    print(f"wrote {Path(args.out) / WEIGHTS_NAME} (and its provenance sidecar) and {Path(args.out) / CARD_NAME} "
           f"({card['weights']['num_parameters']} parameters, {classes} classes)")
     return 0
 
@@ -674,7 +845,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
         "sample", help="one-step (or K-step) class-conditional samples of a trained generator as PNGs or a grid",
         description="Generate samples of a network checkpoint (train/<stage>/net_ema.pt, an EMA snapshot) or "
                     "of a folder written by `remeanflow export`: one PNG per sample (<synset>_<j>.png) or, "
-                    "with --grid, one labelled grid (a row per class). Sample j of class c always gets the "
+                    "with --grid or an --out ending in .png, one labelled grid (a row per class). Sample j of class c always gets the "
                     f"noise of sample id c*{ID_STRIDE}+j under --seed, so --start J --per-class 1 "
                     "regenerates sample J alone (same --batch and device for identical pixels).",
         epilog="exit codes: 0 = written; 2 = bad input (missing or foreign file, unknown class, latent net "
@@ -686,7 +857,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--start", type=int, default=0, metavar="J", help="index of the first sample of each class")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=1, metavar="K", help="MeanFlow sampling steps (default 1)")
-    p.add_argument("--grid", action="store_true", help="write one labelled grid PNG to --out instead of files")
+    p.add_argument("--grid", action="store_true",
+                   help="write one labelled grid PNG to --out instead of files (implied by an --out ending in .png)")
     p.add_argument("--vae", metavar="DIR", help="local diffusers AutoencoderKL folder (required for latent nets)")
     p.add_argument("--labels", metavar="CSV",
                    help="the run's data/labels.csv naming the classes (default: found beside the checkpoint)")
@@ -694,7 +866,11 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--out", required=True, metavar="PATH", help="output folder, or the .png file with --grid")
+    p.add_argument("--source", metavar="CKPT",
+                   help="for an export: the checkpoint it was made from, when not where its card says; the weights "
+                        "are checked against it (without a reachable source, only against the card)")
+    p.add_argument("--out", required=True, metavar="PATH",
+                   help="output folder (one PNG per sample), or a .png file (one labelled grid)")
     p.set_defaults(func=_sample_command)
     return p
 
@@ -705,8 +881,10 @@ def add_export_parser(subparsers) -> argparse.ArgumentParser:
         "export", help="write a checkpoint's generator as model.safetensors plus a model.json card",
         description="Export the net of a checkpoint (e.g. results/<run>/train/stage2/net_ema.pt) to OUT/"
                     f"{WEIGHTS_NAME} and OUT/{CARD_NAME}: architecture, encoder, class list and training "
-                    "provenance. `remeanflow sample OUT ...` and `remeanflow.generate.load_generator(OUT)` "
-                    "read it back without the project's checkpoint format.",
+                    "provenance, plus OUT/model.safetensors.provenance.json. `remeanflow sample OUT ...` and "
+                    "`remeanflow.generate.load_generator(OUT)` read it back without the project's checkpoint "
+                    "format, checking the weights against the card and, while it is reachable, against the "
+                    "source checkpoint (docs/using-a-trained-model.md).",
         epilog="exit codes: 0 = written; 2 = bad input, named on stderr")
     p.add_argument("checkpoint", help="a .pt network checkpoint of the pipeline")
     p.add_argument("out", help="export folder (created)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +19,8 @@ import torch
 from conftest import copy_checkout, save_tiny_vae
 from PIL import Image
 
-from remeanflow import checkpoints, generate, networks, sampling
+from remeanflow import checkpoints, generate, networks, provenance, sampling
+from remeanflow.fileio import sha256_file, side_digest_path, write_side_digest
 from remeanflow.inception import to_uint8
 
 SYNSETS = ["n01000000", "n01000001", "n01000002", "n01000003"]  # the TINY toy run's classes
@@ -150,7 +152,10 @@ def test_grid_layout_rows_are_classes_columns_are_samples(net_path, tmp_path):
 def test_export_round_trip_is_bit_exact_and_samples_the_same(net_path, tmp_path):
     out = tmp_path / "export"
     card = generate.export(net_path, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.json", "model.safetensors",
+                                                     "model.safetensors.provenance.json"]
+    record = provenance.read(out / "model.safetensors")  # the export is a step of the run's lineage
+    assert record["inputs"]["checkpoint"][0]["provenance"] == str(net_path) + ".provenance.json"
     import remeanflow
 
     assert remeanflow.load_generator is generate.load_generator  # the package-level entry point
@@ -177,6 +182,7 @@ def test_export_round_trip_is_bit_exact_and_samples_the_same(net_path, tmp_path)
         assert not any(p.requires_grad for p in net.parameters())
         assert torch.equal(net(x, t, r, labels), want)
         assert loaded["card"] == card and loaded["encoder"] == source["encoder"]
+        assert loaded["verification"] == {"verified": "source", "source": str(out / card["source"]["path"])}
     for k, v in source["net"].state_dict().items():
         assert torch.equal(net.state_dict()[k], v), k
 
@@ -193,6 +199,168 @@ def test_export_round_trip_is_bit_exact_and_samples_the_same(net_path, tmp_path)
     snap = generate.export(snapshot, tmp_path / "snap")
     assert snap["provenance"] is None and snap["classes"]["synsets"] == SYNSETS
     assert snap["source"]["checkpoint"].startswith("train/work/stage2/snapshots/ema-step-")
+
+
+# -- what an export can prove (fast: a run folder built in the test) ---------------------------------
+
+
+def tiny_pixel_net(seed: int) -> networks.Precond:
+    torch.manual_seed(seed)
+    return networks.build("tiny", img_channels=3)
+
+
+@pytest.fixture
+def small_run(tmp_path):
+    """A run folder made in a second: data/ and train/stage2/net_ema.pt with its provenance sidecar."""
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    ckpt = run_dir / "train" / "stage2" / "net_ema.pt"
+    ckpt.parent.mkdir(parents=True)
+    checkpoints.save_net(ckpt, tiny_pixel_net(0))
+    provenance.write(ckpt, rule="train_stage2", config={}, inputs=[])
+    return ckpt
+
+
+def flip_last_byte(path: Path) -> None:
+    """Flip a byte inside the tensor data (safetensors: header first, data after it)."""
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def set_card_digest(export_dir: Path) -> None:
+    """Make model.json's weights digest match the (edited) weights: a consistent edit."""
+    card = json.loads((export_dir / "model.json").read_text())
+    card["weights"]["sha256"] = sha256_file(export_dir / "model.safetensors")
+    (export_dir / "model.json").write_text(json.dumps(card))
+
+
+def test_export_records_its_source_and_is_verified_against_it(small_run, tmp_path):
+    out = small_run.parents[2] / "export"  # inside the run: moving the run keeps the source reachable
+    card = generate.export(small_run, out)
+    assert card["source"]["path"] == "../train/stage2/net_ema.pt" and card["source"]["sha256"] == sha256_file(small_run)
+    record = provenance.read(out / "model.safetensors")
+    assert record["rule"] == "export" and record["output"]["sha256"] == card["weights"]["sha256"]
+    assert record["inputs"]["checkpoint"][0]["sha256"] == card["source"]["sha256"]
+    loaded = generate.load_generator(out)
+    assert loaded["verification"] == {"verified": "source", "source": str(out / "../train/stage2/net_ema.pt")}
+    got = run(out, tmp_path / "s", classes=[1])
+    assert got["verified"] == "source" and png_info(got["files"][0])["verified"] == "source"
+    moved = tmp_path / "moved"
+    shutil.move(small_run.parents[2], moved)
+    assert generate.load_generator(moved / "export")["verification"]["verified"] == "source"
+
+
+def test_export_with_a_flipped_byte_is_refused(small_run, tmp_path):
+    out = tmp_path / "export"
+    generate.export(small_run, out)
+    flip_last_byte(out / "model.safetensors")
+    with pytest.raises(ValueError, match=r"export/model\.safetensors: sha256 differs from the one recorded in "
+                                         r".*export/model\.json"):
+        generate.load_generator(out)
+    with pytest.raises(ValueError, match="sha256 differs"):
+        run(out, tmp_path / "s", classes=[0])
+    assert not (tmp_path / "s").exists()
+
+
+def test_export_edited_consistently_is_refused_naming_the_source(small_run, tmp_path, capsys):
+    out = tmp_path / "export"
+    generate.export(small_run, out)
+    flip_last_byte(out / "model.safetensors")
+    set_card_digest(out)
+    both = r"export/model\.safetensors: tensor .* differs from the source checkpoint .*train/stage2/net_ema\.pt"
+    with pytest.raises(ValueError, match=both):
+        generate.load_generator(out)
+    assert cli(["sample", out, "--quiet", "--out", tmp_path / "s"]) == 2
+    assert "differs from the source checkpoint" in capsys.readouterr().err and not (tmp_path / "s").exists()
+    # Source out of reach: the export's own provenance sidecar, when it travels with it, still disagrees.
+    far = tmp_path / "far" / "away" / "export"
+    shutil.copytree(out, far)
+    with pytest.raises(ValueError, match=r"its provenance sidecar .*model\.safetensors\.provenance\.json records "
+                                         "other weights"):
+        generate.load_generator(far)
+    with pytest.raises(ValueError, match=both):  # the source given explicitly
+        generate.load_generator(far, source=small_run)
+
+
+def test_export_whose_source_changed_is_refused(small_run, tmp_path):
+    out = tmp_path / "export"
+    generate.export(small_run, out)
+    checkpoints.save_net(small_run, tiny_pixel_net(1))  # retrained (its run's sidecar not rewritten)
+    with pytest.raises(ValueError, match=r"export/model\.json: made from a checkpoint with sha256 [0-9a-f]{64}, but "
+                                         r"its source .*net_ema\.pt has sha256 [0-9a-f]{64}: .*export it again"):
+        generate.load_generator(out)
+    # The run vouches for the bytes it recorded only: exporting the replaced file is refused too.
+    with pytest.raises(ValueError, match=r"net_ema\.pt: sha256 [0-9a-f]{64}, but its run recorded [0-9a-f]{64} "
+                                         r"in .*net_ema\.pt\.provenance\.json"):
+        generate.export(small_run, tmp_path / "again")
+
+
+def test_export_without_its_source_loads_verified_against_its_card_only(small_run, tmp_path, caplog, capsys):
+    out = tmp_path / "export"
+    generate.export(small_run, out)
+    shared = tmp_path / "elsewhere" / "deeper" / "shared"  # what a recipient gets: the two files
+    shared.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(out / name, shared)
+    with caplog.at_level("WARNING", logger="remeanflow.generate"):
+        loaded = generate.load_generator(shared)
+    assert loaded["verification"] == {"verified": "card-only", "source": None}
+    assert "verified against its own card" in caplog.text and "net_ema.pt" in caplog.text
+    got = run(shared, tmp_path / "s", classes=[2])
+    assert got["verified"] == "card-only" and png_info(got["files"][0])["verified"] == "card-only"
+    # Pointing at the checkpoint restores the full check; a missing one is an error, not a downgrade.
+    assert run(shared, tmp_path / "t", classes=[2], source=small_run)["verified"] == "source"
+    assert cli(["sample", shared, "--source", small_run, "--quiet", "--out", tmp_path / "u"]) == 0
+    assert "export verified against its source checkpoint" in capsys.readouterr().out
+    assert cli(["sample", shared, "--quiet", "--out", tmp_path / "v"]) == 0
+    assert "verified against its own card only" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match=r"nope\.pt: no such source checkpoint"):
+        generate.load_generator(shared, source=tmp_path / "nope.pt")
+    # Without the source, a consistent edit is exactly what the card cannot detect (documented).
+    flip_last_byte(shared / "model.safetensors")
+    set_card_digest(shared)
+    assert generate.load_generator(shared)["verification"]["verified"] == "card-only"
+
+
+def test_png_digest_is_of_the_checkpoint_read_not_a_stale_side_file(tmp_path):
+    ckpt = tmp_path / "net.pt"
+    checkpoints.save_net(ckpt, tiny_pixel_net(0))
+    write_side_digest(ckpt)  # a side file with the file's identity, as the pipeline writes them
+    stale = side_digest_path(ckpt).read_bytes()
+    other = tmp_path / "other.pt"
+    checkpoints.save_net(other, tiny_pixel_net(1))
+    os.replace(other, ckpt)  # the checkpoint replaced, its side file kept
+    side_digest_path(ckpt).write_bytes(stale)
+    assert side_digest_path(ckpt).read_text().split()[0] != sha256_file(ckpt)
+    got = run(ckpt, tmp_path / "s", classes=[0])
+    assert png_info(got["files"][0])["net_sha256"] == got["sha256"] == sha256_file(ckpt)
+    assert got["verified"] == "checkpoint"
+    card = generate.export(ckpt, tmp_path / "export")  # the card records the bytes read, too
+    assert card["source"]["sha256"] == sha256_file(ckpt)
+
+
+def test_out_with_an_image_suffix_is_one_grid_and_a_folder_is_one_png_per_sample(tmp_path):
+    ckpt = tmp_path / "net.pt"
+    checkpoints.save_net(ckpt, tiny_pixel_net(0))
+    sheet = run(ckpt, tmp_path / "sheet.png", classes=[0, 1], per_class=2)  # no grid=True
+    assert (tmp_path / "sheet.png").is_file() and sheet["grid"] == str(tmp_path / "sheet.png")
+    run(ckpt, tmp_path / "explicit.png", classes=[0, 1], per_class=2, grid=True)
+    assert (tmp_path / "sheet.png").read_bytes() == (tmp_path / "explicit.png").read_bytes()
+    for name in ("samples", "samples.v2"):  # a folder, also with a suffix that is no image's
+        files = run(ckpt, tmp_path / name, classes=[0, 1], per_class=2)["files"]
+        assert (tmp_path / name).is_dir() and sorted(Path(f).name for f in files) == ["0_0.png", "0_1.png",
+                                                                                      "1_0.png", "1_1.png"]
+    for name in ("sheet.jpg", "sheet.JPEG", "sheet.webp"):
+        with pytest.raises(ValueError, match=r"names a \.\w+ image, but samples are written as PNG: give a \.png "
+                                             r"file for one labelled grid \(--grid is then implied\), or a folder"):
+            run(ckpt, tmp_path / name, classes=[0])
+        assert not (tmp_path / name).exists()
+    (tmp_path / "old.png").mkdir()  # what `--out old.png` used to create
+    with pytest.raises(ValueError, match=r"old\.png: is a folder, but a \.png name means one grid image"):
+        run(ckpt, tmp_path / "old.png", classes=[0])
+    assert cli(["sample", ckpt, "--classes", "0", "--quiet", "--out", tmp_path / "cli.png"]) == 0
+    assert (tmp_path / "cli.png").is_file()
 
 
 # -- bad input -------------------------------------------------------------------------------------
