@@ -178,7 +178,7 @@ class Plan:
                                 f"'.', '_', '-'; not {' or '.join(RESERVED)})")
 
     def _check_shared(self, variant: Variant) -> None:
-        for key in ("run_name", "results_dir"):
+        for key in ("run_name", "results_dir", "results_dir_outside_workdir"):
             if key in variant.overlay:
                 raise AblationError(f"{overlay_path(variant.name)}: sets {key}; a variant's outputs go to "
                                     f"<run>/ablations/{variant.name}/ (to run it alone elsewhere, pass --config "

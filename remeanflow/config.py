@@ -1,8 +1,9 @@
 """Config validation with messages that name the offending key.
 
 The schema is generated from the settings classes (`remeanflow.settings`); `validate` coerces the
-strings Snakemake makes of nested `--config` values, checks the schema and the cross-field rules of
-the classes, and returns the complete config (missing keys filled with their defaults).
+strings Snakemake makes of nested `--config` values, checks the schema (numbers finite) and the
+cross-field rules of the classes (paths contained), and returns the complete config (missing keys
+filled with their defaults).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import jsonschema
 import yaml
 
 from . import settings
+from .settings_base import Validator
 
 SCHEMA = Path(__file__).resolve().parent.parent / "schemas" / "config.schema.yaml"
 DEFAULT = SCHEMA.parent.parent / "config.yaml"  # the embedded default every run starts from
@@ -32,7 +34,10 @@ def _describe(err: jsonschema.ValidationError) -> str:
         extra = sorted(set(err.instance) - set(allowed))
         keys = ", ".join(_key([*err.absolute_path, k]) for k in extra)
         return f"unknown config key {keys} (allowed here: {', '.join(allowed)})"
-    return f"config key {_key(err.absolute_path)} = {err.instance!r}: {err.message}"
+    what = f"config key {_key(err.absolute_path)} = {err.instance!r}: {err.message}"
+    if err.validator == "pattern" and err.schema.get("description"):  # a regex alone does not say what is meant
+        what += f" ({err.schema['description']})"
+    return what
 
 
 def merge(base: dict, extra: dict) -> dict:
@@ -50,7 +55,7 @@ def load_schema(path=SCHEMA) -> dict:
 def validate(config: dict) -> dict:
     """The complete, typed-checked config; ConfigError naming each bad key."""
     coerced = settings.coerce(config)
-    validator = jsonschema.Draft7Validator(settings.json_schema())
+    validator = Validator(settings.json_schema())  # draft 7 whose numbers are finite
     errors = sorted(validator.iter_errors(coerced), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(_describe(e) for e in errors))

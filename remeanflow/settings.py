@@ -21,6 +21,7 @@ default differs from the paper's); no rule file names individual settings.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Literal, Optional
 
 import yaml
@@ -408,8 +409,13 @@ class Settings(Section):
     """The whole configuration (`config.yaml` merged with any --configfile and --config)."""
 
     RULES = ()
-    run_name: str = setting("toy", "outputs go to <results_dir>/<run_name>/", pattern="^[A-Za-z0-9_.-]+$")
-    results_dir: str = setting("results", "folder of all runs")
+    run_name: str = setting("toy", "outputs go to <results_dir>/<run_name>/: one plain path component (letters, "
+                            "digits, '_', '.', '-'; not '.' or '..')", pattern=r"^(?!\.\.?$)[A-Za-z0-9_.-]+$")
+    results_dir: str = setting("results", "folder of all runs: a relative path that stays inside the working "
+                               "directory once normalised (see results_dir_outside_workdir)")
+    results_dir_outside_workdir: bool = setting(False, "allow an absolute results_dir, or one that leaves the "
+                                                "working directory (e.g. ../scratch): outputs are then written "
+                                                "there")
     seed: int = setting(0, "training couplings, teacher, index and training draws", ge=0,
                         rules=("toy_source", "train_teacher", "reflow_index", "couplings_shard",
                                "init_time_embedding", "train_stage1", "train_stage2"))
@@ -425,6 +431,23 @@ class Settings(Section):
     resources: dict[str, ResourceSettings] = setting(factory=lambda: {"default": ResourceSettings()},
                                                      doc="per rule group (default, preprocess, teacher, couplings, "
                                                          "train, evaluate); `default` fills missing groups")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self._check_results_dir()
+
+    def _check_results_dir(self) -> None:
+        # Lexical: the rules join results_dir and run_name as text (rules/common.smk), so the
+        # normalised text is where outputs go; a symlink the user made is the user's choice.
+        if not self.results_dir:
+            raise ValueError("config key results_dir = '': must name a folder (e.g. results); an empty one would "
+                             "put the run at /<run_name>")
+        norm = os.path.normpath(self.results_dir)
+        inside = not os.path.isabs(norm) and norm != os.pardir and not norm.startswith(os.pardir + os.sep)
+        if not inside and not self.results_dir_outside_workdir:
+            raise ValueError(f"config key results_dir = {self.results_dir!r}: must be a relative path inside the "
+                             f"working directory (normalised: {norm!r}); to write runs there on purpose, set "
+                             "results_dir_outside_workdir: true")
 
     def resources_of(self, group: str) -> ResourceSettings:
         return self.resources.get(group, self.resources["default"])

@@ -1,17 +1,24 @@
 """The machinery behind the typed settings (`remeanflow.settings`): the `setting(...)` field
-declaration, the `Section` base that checks bounds and choices on construction, and what is
-derived from the declarations: JSON schema, coercion of strings, construction from plain data and
-the selection of the fields that enter one rule. Nothing here names a config key.
+declaration, the `Section` base that checks bounds, patterns and choices on construction, and what
+is derived from the declarations: JSON schema and its validator, coercion of strings, construction
+from plain data and the selection of the fields that enter one rule. Nothing here names a config key.
+
+Numbers are finite everywhere: YAML has `.inf` and `.nan` (and `--config` strings are coerced to
+them), JSON and the training code do not, so a non-finite value is refused at validation, naming
+the key, for every float setting and every float inside a list (`Validator`, `check_value`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import re
 import types
 import typing
 from typing import Any, ClassVar, Literal, Union
 
+import jsonschema
 import yaml
 
 
@@ -19,8 +26,9 @@ def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any =
             ge=None, gt=None, le=None, lt=None, pattern: str | None = None,
             rules: tuple[str, ...] | None = None) -> Any:
     """A settings field: default (or `factory` for a nested section), one-line doc, bounds
-    (ge/gt/le/lt; for a tuple they bound each item), a regex `pattern` for strings, and the rules
-    it enters (None: the section's `RULES`; `()`: none, it changes no result)."""
+    (ge/gt/le/lt; for a tuple they bound each item), a regex `pattern` for strings (searched, so
+    anchor it), and the rules it enters (None: the section's `RULES`; `()`: none, it changes no
+    result)."""
     meta = dict(doc=doc, ge=ge, gt=gt, le=le, lt=lt, pattern=pattern, rules=rules)
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=meta)
@@ -57,11 +65,16 @@ def plain(value):
 
 
 def check_value(key: str, value: Any, meta: typing.Mapping) -> None:
-    """ValueError naming `key` when `value` (a number, or each item of a tuple) breaks a bound."""
+    """ValueError naming `key` when `value` (a number or string, or each item of a tuple) is not
+    finite, breaks a bound or does not match the pattern."""
     items = value if isinstance(value, tuple) else (value,)
     for v in items:
+        if isinstance(v, str) and meta.get("pattern") and not re.search(meta["pattern"], v):
+            raise ValueError(f"config key {key} = {value!r}: must match {meta['pattern']} ({meta.get('doc')})")
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        if isinstance(v, float) and not math.isfinite(v):  # inf passes one-sided bounds, NaN unbounded fields
+            raise ValueError(f"config key {key} = {value!r}: {_NOT_FINITE}")
         for name, ok in (("ge", v >= (meta.get("ge") or 0)), ("gt", v > (meta.get("gt") or 0)),
                          ("le", v <= (meta.get("le") or 0)), ("lt", v < (meta.get("lt") or 0))):
             if meta.get(name) is not None and not ok:
@@ -69,6 +82,7 @@ def check_value(key: str, value: Any, meta: typing.Mapping) -> None:
 
 
 _BOUND_WORDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+_NOT_FINITE = "must be a finite number (inf and nan are not setting values)"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -139,6 +153,19 @@ def _type_schema(tp, meta) -> dict:
     if meta.get("pattern"):
         out["pattern"] = meta["pattern"]
     return out
+
+
+def _finite_type(validator, types_, instance, schema):
+    """Draft 7's `type` keyword, except that inf and NaN are no number: JSON cannot hold them, so
+    a config that has one would validate and then fail in the first job that writes it out."""
+    if isinstance(instance, float) and not math.isfinite(instance):
+        yield jsonschema.ValidationError(_NOT_FINITE)
+        return
+    yield from jsonschema.Draft7Validator.VALIDATORS["type"](validator, types_, instance, schema)
+
+
+# The validator of the generated schema (`config.validate`): the schema file stays plain draft 7.
+Validator = jsonschema.validators.extend(jsonschema.Draft7Validator, {"type": _finite_type})
 
 
 def section_schema(cls) -> dict:

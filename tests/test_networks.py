@@ -312,3 +312,16 @@ def test_tangent_follows_the_dropout_mask():
     torch.manual_seed(12)
     other_mask = net(x_t, t, r, labels, v_hat=v_hat)[1]
     assert _rel(other_mask, dudt) > 1e-3  # the masks matter, so the check above is not vacuous
+
+
+def test_clamp_tangent_exactly_at_the_bound_passes_the_tangent_through():
+    # The clamp is not differentiable at +-bound; `clamp_jvp` defines its tangent there as dx
+    # (derivative one, PyTorch's convention), so the hand-written tangent pass and torch.func /
+    # autograd agree on activations that land exactly on `clip_act`; one float beyond, it is zero.
+    bound = 2.0
+    beyond = torch.nextafter(torch.tensor(bound, dtype=torch.float64), torch.tensor(math.inf, dtype=torch.float64))
+    x = torch.tensor([-beyond.item(), -bound, bound, beyond.item(), 0.5], dtype=torch.float64)
+    dx = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], dtype=torch.float64)
+    got = N.clamp_jvp(x, dx, bound)
+    assert got.tolist() == [0.0, 2.0, 3.0, 0.0, 5.0]
+    assert torch.equal(got, _func_jvp(lambda a: a.clamp(-bound, bound), (x,), (dx,)))

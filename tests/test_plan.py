@@ -5,6 +5,8 @@ figures (marked as such), its JSON output and its errors on bad reports and conf
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +15,9 @@ from conftest import REPO
 
 from remeanflow import accel, networks, plan
 from remeanflow.__main__ import main
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_worker import TRAIN_KW, make_couplings, make_teacher, run_meanflow  # noqa: E402
 
 P512, P64 = REPO / "presets" / "imagenet512.yaml", REPO / "presets" / "imagenet64.yaml"
 IMAGES = 1_281_167
@@ -204,3 +209,38 @@ def test_step_time_between_and_beyond_the_measured_batches():
     assert plan.step_time({16: 0.5}, 8)[0] == pytest.approx(0.25)
     t, how = plan.step_time({16: 0.5, 64: 10.0}, 1)  # a line that would go below zero
     assert t == pytest.approx(0.5 / 16) and "proportional" in how
+
+
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(_tensor_bytes, obj.values()))
+    if isinstance(obj, (list, tuple)):
+        return sum(map(_tensor_bytes, obj))
+    return 0
+
+
+def test_training_file_sizes_match_the_files_training_writes(capsys, tmp_path):
+    """The plan's train_state.pt, checkpoint and net_ema.pt sizes against a real 2-step stage-1 run
+    of the 'tiny' net (46k parameters). The tensors are what the plan counts (fp32 model + EMA + two
+    Adam moments): within 1% (frozen parameters carry no moments). The files add a container
+    overhead per stored tensor (zip entry, pickle record; ~12% of a net this small, far less of a
+    real one) plus the config and a digest field: files may exceed the plan by at most 25%."""
+    overlay = tmp_path / "tiny.yaml"
+    overlay.write_text(yaml.safe_dump({"teacher": {"mode": "train", "train": {"preset": "tiny"}}}))
+    planned_stage = stage(json_plan(capsys, "--configfile", str(overlay)), "stage 1")
+    artifacts = {a["path"]: a["bytes"] for a in planned_stage["artifacts"]}
+    out, work = tmp_path / "out", tmp_path / "work"
+    run_meanflow(manifest=make_couplings(tmp_path / "couplings"), init=make_teacher(tmp_path / "teacher.pt"),
+                 out_dir=out, work_dir=work, stage=1, iterations=1 + plan.KEPT_CHECKPOINTS, checkpoint_every=1,
+                 **TRAIN_KW)
+    written = {"train/stage1/train_state.pt": [out / "train_state.pt"], "train/stage1/net_ema.pt": [out / "net_ema.pt"],
+               "train/work/stage1/ckpt-*.pt": sorted(work.glob("ckpt-*.pt"))}
+    assert len(written["train/work/stage1/ckpt-*.pt"]) == plan.KEPT_CHECKPOINTS
+    for path, files in written.items():
+        planned = artifacts[path]
+        tensors = sum(_tensor_bytes(torch.load(f, map_location="cpu", weights_only=True)) for f in files)
+        size = sum(f.stat().st_size for f in files)
+        assert abs(tensors - planned) <= 0.01 * planned, (path, tensors, planned)
+        assert planned <= size <= 1.25 * planned, (path, size, planned)

@@ -378,6 +378,56 @@ def test_too_many_bad_images_is_an_error_without_output(tmp_path, classes):
     assert _no_outputs(tmp_path)
 
 
+def test_bad_fraction_exactly_at_the_threshold_is_accepted_and_just_above_refused(tmp_path, classes):
+    # the rule is "more than max_bad_fraction fails": equality passes; the float is the one the
+    # code computes (2 / 42), so the boundary is exact, and the next float below it is refused
+    path, _ = _with_bad_images(tmp_path, classes, 2)
+    kw = dict(shard=0, num_shards=1, resolution=RES, workers=0, progress=False)
+    at = 2 / 42
+    assert preprocess_shard(path, tmp_path / "at.zarr", max_bad_fraction=at, **kw)["num_bad"] == 2
+    with pytest.raises(TooManyBadImagesError, match="2 of 42"):
+        preprocess_shard(path, tmp_path / "above.zarr", max_bad_fraction=float(np.nextafter(at, 0)), **kw)
+    assert not (tmp_path / "above.zarr").exists()
+
+
+NOT_UTF8 = "n01000002_\udcff.JPEG"  # tarfile's reading of the bytes b"n01000002_\xff.JPEG"
+
+
+def _with_non_utf8_name(tmp_path, classes, layout):
+    """The four classes, one image of n01000002 (a valid JPEG) renamed to bytes that are not UTF-8."""
+    classes = {s: list(v) for s, v in classes.items()}
+    classes["n01000002"][3] = (NOT_UTF8, classes["n01000002"][3][1])
+    path = tmp_path / f"non_utf8_{layout}.tar"
+    if layout == "nested":
+        return _write_nested(path, classes)
+    path.write_bytes(_tar_bytes([(f"{s}/{m}", d) for s in sorted(classes) for m, d in classes[s]]))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["nested", "flat"])
+def test_a_member_name_that_is_not_utf8_is_a_bad_member_naming_it_and_the_archive(tmp_path, classes, layout):
+    path = _with_non_utf8_name(tmp_path, classes, layout)
+    kw = dict(shard=0, num_shards=1, resolution=RES, workers=0, progress=False)
+    report = preprocess_shard(path, tmp_path / "out.zarr", max_bad_fraction=0.05, **kw)
+    assert report["num_bad"] == 1 and report["num_images"] == 39 and report["num_seen"] == 40
+    (bad,) = report["bad_members"]
+    assert bad["synset"] == "n01000002" and "\\udcff" in bad["member"]  # its repr: storable text
+    assert "n01000002_\\xff.JPEG' is not valid UTF-8" in bad["error"] and str(path) in bad["error"]
+    assert NOT_UTF8 not in zarr.open_group(str(tmp_path / "out.zarr"), mode="r")["members"][:].tolist()
+    with pytest.raises(TooManyBadImagesError) as err:  # and over the threshold, like an undecodable image
+        preprocess_shard(path, tmp_path / "no.zarr", max_bad_fraction=0.0, **kw)
+    assert str(path) in str(err.value) and "1 of 40" in str(err.value) and "not valid UTF-8" in str(err.value)
+    assert not (tmp_path / "no.zarr").exists()
+
+
+def test_a_class_name_that_is_not_utf8_is_an_archive_error_naming_it(tmp_path, classes):
+    classes = {("n01\udcff" if s == "n01000001" else s): v for s, v in classes.items()}
+    path = _write_nested(tmp_path / "bad_class_name.tar", classes)
+    with pytest.raises(ArchiveError, match=r"class name b'n01\\xff\.tar' is not valid UTF-8") as err:
+        list_synsets(path)
+    assert str(path) in str(err.value)
+
+
 def test_shard_arguments_are_checked(archive, tmp_path):
     with pytest.raises(ValueError, match="shard"):
         preprocess_shard(

@@ -108,6 +108,89 @@ def test_bad_values_name_the_key(change, message):
         rmf_config.validate(deep_update(DEFAULT, change))
 
 
+@pytest.mark.parametrize(
+    "change, refused",
+    [
+        ({"train": {"lr": 0.0}}, "train.lr = 0.0"),  # gt=0: the bound itself is refused
+        ({"download": {"max_seconds": 0}}, "download.max_seconds = 0"),
+        ({"train": {"weight_decay": 0.0}}, None),  # ge=0: the bound itself is accepted
+        ({"dataset": {"max_bad_fraction": 1.0}}, None),  # le=1 likewise
+        ({"train": {"betas": [0.0, 0.5]}}, None),  # ge on each item of a tuple
+        ({"train": {"betas": [0.5, 1.0]}}, "train.betas.1 = 1.0"),  # lt=1 on each item
+    ],
+)
+def test_a_value_at_its_bound_is_refused_only_when_the_bound_is_exclusive(change, refused):
+    if refused is None:
+        rmf_config.validate(deep_update(DEFAULT, change))
+    else:
+        with pytest.raises(rmf_config.ConfigError, match=re.escape(refused)):
+            rmf_config.validate(deep_update(DEFAULT, change))
+
+
+def test_sections_check_their_bounds_on_construction_too():
+    with pytest.raises(ValueError, match=r"TrainSettings.lr = 0.0: must be > 0"):
+        settings.TrainSettings(lr=0.0)
+    assert settings.TrainSettings(weight_decay=0.0).weight_decay == 0.0
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="TrainSettings.eps .*must be a finite number"):
+            settings.TrainSettings(eps=bad)
+        with pytest.raises(ValueError, match="TrainSettings.betas .*must be a finite number"):
+            settings.TrainSettings(betas=(0.9, bad))
+    with pytest.raises(ValueError, match=r"Settings.run_name = '\.\.': must match"):
+        settings.Settings(run_name="..")
+
+
+# Snakemake passes nested --config values as strings: ".inf" is coerced like "1e-4" is
+@pytest.mark.parametrize("change, key", [
+    ({"train": {"lr": ".inf"}}, "train.lr = inf"),
+    ({"train": {"lr": float("inf")}}, "train.lr = inf"),  # a config file's .inf
+    ({"train": {"time_sampler": {"p_mean": ".nan"}}}, "train.time_sampler.p_mean = nan"),  # no bounds at all
+    ({"train": {"eps": "-inf"}}, "train.eps = -inf"),
+    ({"train": {"betas": ["0.9", ".nan"]}}, "train.betas.1 = nan"),
+    ({"train": {"stage2": {"grad_clip": ".inf"}}}, "train.stage2.grad_clip = inf"),  # optional
+    ({"couplings": {"fixed_threshold": float("nan")}}, "couplings.fixed_threshold = nan"),
+])
+def test_non_finite_numbers_are_refused_naming_the_key(change, key):
+    with pytest.raises(rmf_config.ConfigError, match=re.escape(key) + ": must be a finite number"):
+        rmf_config.validate(deep_update(DEFAULT, change))
+
+
+@pytest.mark.parametrize("run_name", ["..", ".", "", "a/b", "/abs", "a\\b", "x y"])
+def test_run_name_is_one_plain_path_component(run_name):
+    with pytest.raises(rmf_config.ConfigError, match=re.escape(f"run_name = {run_name!r}") + ".*one plain path"):
+        rmf_config.validate({**DEFAULT, "run_name": run_name})
+
+
+def test_run_names_with_dots_inside_are_fine():
+    for run_name in ("..x", "a.b", "v1.0-seed_2", ".hidden"):
+        assert rmf_config.validate({**DEFAULT, "run_name": run_name})["run_name"] == run_name
+
+
+@pytest.mark.parametrize("results_dir, inside", [
+    ("results", True), ("./results/", True), ("a/../results", True), (".", True), ("out/runs", True),
+    ("..", False), ("../x", False), ("a/../../x", False), ("/tmp/results", False), ("//results", False),
+])
+def test_results_dir_stays_inside_the_working_directory_unless_opted_out(results_dir, inside):
+    config = {**DEFAULT, "results_dir": results_dir}
+    if inside:
+        rmf_config.validate(config)
+    else:
+        with pytest.raises(rmf_config.ConfigError, match=re.escape(f"results_dir = {results_dir!r}: must be a "
+                                                                    "relative path inside the working directory")
+                           + ".*results_dir_outside_workdir: true"):
+            rmf_config.validate(config)
+    full = rmf_config.validate({**config, "results_dir_outside_workdir": True})
+    assert full["results_dir"] == results_dir
+    assert settings.rule_config(settings.load(full), "train_stage1") == settings.rule_config(
+        settings.load(rmf_config.validate(DEFAULT)), "train_stage1")  # where outputs go changes no result
+
+
+def test_an_empty_results_dir_is_refused_even_when_opted_out():
+    for opt_out in (False, True):
+        with pytest.raises(rmf_config.ConfigError, match="results_dir = '': must name a folder"):
+            rmf_config.validate({**DEFAULT, "results_dir": "", "results_dir_outside_workdir": opt_out})
+
+
 def test_nested_config_strings_are_coerced_to_the_declared_types():
     # what Snakemake makes of --config 'train={stage2: {iterations: 200}, lr: 1e-4, compile: null}'
     given = {"train": {"stage2": {"iterations": "200", "grad_clip": "null"}, "lr": "1e-4", "compile": "null",

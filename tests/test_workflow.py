@@ -354,3 +354,36 @@ def test_conda_envs_name_the_packages_of_pyproject():
         assert conda_alias.get(name, name) in listed, f"{name} from pyproject.toml is in no envs/*.yaml"
     for name in listed - {"python", "pip"}:
         assert {v: k for k, v in conda_alias.items()}.get(name, name) in names, f"{name} is not a pyproject dependency"
+
+
+# -- inputs that cannot escape (trust model, docs/architecture.md) -----------------------------
+
+
+def _source_config(workdir: Path, overrides: dict) -> Path:
+    """TINY with a local (empty) train archive, so that `download_dataset` is the first job."""
+    (workdir / "train.tar").write_bytes(b"")
+    return write_config(workdir, {"dataset": {"toy": None, "source": str(workdir / "train.tar")}, **overrides})
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"run_name": ".."}, "config key run_name = '..'"),  # results/.. is the working directory itself
+    ({"results_dir": "../x"}, "config key results_dir = '../x': must be a relative path inside the working"),
+])
+def test_a_run_that_would_write_outside_its_folder_is_refused_before_any_job(tmp_path, override, message):
+    # Not a dry run: the refusal must come before download_dataset writes source/ and logs/.
+    workdir = tmp_path / "parent" / "work"
+    workdir.mkdir(parents=True)
+    cfg = _source_config(workdir, override)
+    before = sorted(p.name for p in workdir.iterdir())
+    proc = run_snakemake(workdir, cfg, "download_dataset", check=False, timeout=300)
+    assert proc.returncode != 0 and message in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert sorted(p.name for p in workdir.iterdir() if p.name != ".snakemake") == before
+    assert [p.name for p in (tmp_path / "parent").iterdir()] == ["work"]
+
+
+def test_a_non_finite_number_from_the_command_line_is_refused_naming_the_key(tmp_path):
+    cfg = write_config(tmp_path)
+    proc = run_snakemake(tmp_path, cfg, "-n", "--config", "train={lr: .inf}", check=False, timeout=300)
+    assert proc.returncode != 0
+    assert "config key train.lr = inf: must be a finite number" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()

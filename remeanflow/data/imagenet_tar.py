@@ -15,9 +15,12 @@ index order whatever order the archive stores them in. Inner tars are read membe
 the outer file object. Nothing is extracted and only tar headers are held in memory.
 
 Members are checked before use: absolute names, ``..`` components, links, devices and FIFOs raise
-``UnsafeArchiveError``. A truncated or corrupt archive raises ``ArchiveError``; in particular a
-tar that ends without its end-of-archive marker is an error (``tarfile`` itself treats a cut at a
-header boundary, or a garbled header, as a normal end, which would silently drop classes).
+``UnsafeArchiveError``. Tar names are bytes; they are decoded as UTF-8 with surrogate escapes, so
+a name that is not UTF-8 still reads, and ``name_problem`` says so: an image's name is then the
+caller's bad member (it cannot be stored as text), a class name is an ``ArchiveError``. A
+truncated or corrupt archive raises ``ArchiveError``; in particular a tar that ends without its
+end-of-archive marker is an error (``tarfile`` itself treats a cut at a header boundary, or a
+garbled header, as a normal end, which would silently drop classes).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ __all__ = [
     "UnsafeArchiveError",
     "list_synsets",
     "iter_images",
+    "name_problem",
+    "raw_name",
 ]
 
 
@@ -61,6 +66,22 @@ class _Index:
 # ----------------------------------------------------------------------------------------------
 # Member checks and tar walking.
 
+_NAME_ENCODING = "utf-8"  # tar headers carry bytes; ImageNet's names are ASCII, any UTF-8 is fine
+
+
+def raw_name(name: str) -> bytes:
+    """The bytes of a member name as the tar header holds them."""
+    return name.encode(_NAME_ENCODING, "surrogateescape")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a member name cannot be kept as text (Zarr, JSON and CSV hold UTF-8), or None."""
+    try:
+        name.encode(_NAME_ENCODING)
+    except UnicodeEncodeError:
+        return f"{raw_name(name)!r} is not valid UTF-8"
+    return None
+
 
 def _check_member(member: tarfile.TarInfo, where: str) -> None:
     """Refuse members that could escape a directory or are not plain data."""
@@ -80,6 +101,14 @@ def _check_member(member: tarfile.TarInfo, where: str) -> None:
             f"{where}: member {name!r} is a device/FIFO/special file (tar type {member.type!r}); "
             "only regular files and directories are allowed"
         )
+
+
+def _check_class_name(name: str, where: str) -> None:
+    """A class (tar or folder) name is kept as text everywhere (labels.csv, the store's synset
+    list, error messages): one that is not UTF-8 is refused, not counted like an image."""
+    problem = name_problem(name)
+    if problem:
+        raise ArchiveError(f"{where}: class name {problem}; rename that class tar or folder in the archive")
 
 
 def _check_end_marker(tf: tarfile.TarFile, where: str) -> None:
@@ -117,7 +146,8 @@ def _walk(tf: tarfile.TarFile, where: str) -> Iterator[tarfile.TarInfo]:
 def _open_tar(*, name: str | None = None, fileobj: IO[bytes] | None = None, where: str):
     """Open a tar (any compression) for random access, mapping tarfile's errors to ArchiveError."""
     try:
-        tf = tarfile.open(name=name, fileobj=fileobj, mode="r:*")
+        tf = tarfile.open(name=name, fileobj=fileobj, mode="r:*", encoding=_NAME_ENCODING,
+                          errors="surrogateescape")
     except FileNotFoundError:
         raise
     except (tarfile.TarError, EOFError, OSError) as e:
@@ -162,10 +192,12 @@ def _index(archive: Path) -> _Index:
             parts = parts[1:] if parts and parts[0] == "." else parts
             if m.name.lower().endswith(".tar"):
                 synset = _synset_of_class_tar(m.name)
+                _check_class_name(m.name, where)
                 if synset in class_tars:
                     raise ArchiveError(f"{where}: class tar for {synset!r} appears twice")
                 class_tars[synset] = m
             elif len(parts) == 2:
+                _check_class_name(parts[0], where)
                 flat.setdefault(parts[0], []).append(m)
             else:
                 raise ArchiveError(
@@ -238,7 +270,8 @@ def iter_images(archive, synsets: Iterable[str] | None = None) -> Iterator[tuple
     Classes come in class index order (sorted synsets), images within a class in archive order.
     ``synsets`` limits the classes (all when None); naming a synset that the archive lacks is an
     ``ArchiveError``. ``member_name`` is the name inside the class tar (nested layout) or inside
-    the archive (flat layout). Bytes are returned undecoded: callers decide what a bad image is.
+    the archive (flat layout); it may not be UTF-8 (``name_problem``). Bytes are returned
+    undecoded: callers decide what a bad image is.
     """
     path = _archive_path(archive)
     where = str(path)

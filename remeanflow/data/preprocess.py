@@ -19,6 +19,10 @@ Store format (shard and merged stores alike; ``attrs["format"] == FORMAT``)::
 Images are ordered by class index, then by archive order within a class, so the merged store is
 the same whatever the number of shards.
 
+A bad member is an image that does not decode, or one whose name is not UTF-8 (it could not be
+stored as text; recorded by its repr, with the archive named in its error): both count towards
+``max_bad_fraction``.
+
 A class with fewer than ``min_images_per_class`` decodable images (default 1: an empty class tar,
 or one whose images are all undecodable) is a ``TooFewImagesError`` naming the class and its
 counts; ``min_images_per_class=0`` accepts such classes with a logged warning. Each class lies in
@@ -45,7 +49,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from remeanflow import fileio
-from remeanflow.data.imagenet_tar import iter_images, list_synsets
+from remeanflow.data.imagenet_tar import iter_images, list_synsets, name_problem
 
 __all__ = [
     "FORMAT",
@@ -124,10 +128,14 @@ def decode_and_crop(data: bytes, resolution: int) -> np.ndarray:
         return center_crop_dhariwal(image, resolution).transpose(2, 0, 1)
 
 
-def _decode_batch(datas: list[bytes], resolution: int) -> list[np.ndarray | str]:
-    """Pool task: an image array per item, or the error text for an undecodable one."""
+def _decode_batch(datas: list[bytes | str], resolution: int) -> list[np.ndarray | str]:
+    """Pool task: an image array per item, or the error text for an undecodable one (or for one
+    that carries its error already, `_usable_names`)."""
     out: list[np.ndarray | str] = []
     for data in datas:
+        if isinstance(data, str):
+            out.append(data)
+            continue
         try:
             out.append(decode_and_crop(data, resolution))
         except _DECODE_ERRORS as e:
@@ -153,13 +161,24 @@ def _pool_context():
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
-def _split(batch: list[tuple[str, str, bytes]]) -> tuple[list[tuple[str, str]], list[bytes]]:
+def _usable_names(items: Iterator[tuple[str, str, bytes]], archive: Path) -> Iterator[tuple[str, str, bytes | str]]:
+    """Items whose member name cannot be stored as text (not UTF-8: Zarr would fail on it deep in
+    the write, naming nothing) become bad members: the name's repr, and the error instead of bytes."""
+    for synset, member, data in items:
+        problem = name_problem(member)
+        if problem is None:
+            yield synset, member, data
+        else:
+            yield synset, repr(member), f"member name {problem} (class {synset} of {archive})"
+
+
+def _split(batch: list[tuple[str, str, bytes | str]]) -> tuple[list[tuple[str, str]], list[bytes | str]]:
     """(synset, member) names and image bytes of a batch: only the bytes go to a worker."""
     return [(s, m) for s, m, _ in batch], [d for _, _, d in batch]
 
 
 def _decoded_batches(
-    items: Iterator[tuple[str, str, bytes]], resolution: int, workers: int
+    items: Iterator[tuple[str, str, bytes | str]], resolution: int, workers: int
 ) -> Iterator[tuple[list[tuple[str, str]], list[np.ndarray | str]]]:
     """Yield ``(names, results)`` per batch in input order, decoding in ``workers`` processes.
 
@@ -396,7 +415,7 @@ def preprocess_shard(
         with tqdm(
             total=len(mine), desc=f"shard {shard}/{num_shards}", unit="class", disable=not progress
         ) as bar:
-            items = iter_images(archive, mine) if mine else iter(())
+            items = _usable_names(iter_images(archive, mine), archive) if mine else iter(())
             _consume(_decoded_batches(items, resolution, workers), tally, appender, label_of, bar)
         appender.close()
         _bad_fraction_check(tally, archive, max_bad_fraction)
