@@ -317,5 +317,14 @@ def read_spec(argv: list[str]) -> dict:
         return json.load(f)
 
 
+def end_rank() -> None:
+    """The end of a launched rank, after its entry point wrote the final outputs and met the other
+    ranks in a barrier: destroy the process group, once. Not earlier (accelerate's
+    `end_training()` does it when the trackers close, before the outputs, and the last barrier
+    then fails), and not left to interpreter exit (NCCL warns of leaked resources there)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 if __name__ == "__main__":
     sys.exit(node_main())

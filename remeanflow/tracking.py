@@ -4,10 +4,17 @@ one-step samples of the EMA net at each snapshot.
 
 Logs go under the stage's work folder (`<work_dir>/trackers/`), which Snakemake does not own: a
 resumed or extended stage keeps appending to the same run's logs. Logging changes no result.
+
+With several processes only the main one logs (accelerate opens the trackers there alone). The
+trackers close at the end of the loop, but not through `accelerator.end_training()`: that also
+destroys the process group, which the ranks still need to write and await the final outputs (a
+2-rank run died in its last barrier so); the rank's entry point destroys it once, at its end
+(`launch.end_rank`). docs/tracking.md: how to enable them, W&B offline and `wandb sync`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,8 +45,13 @@ def flat_config(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def start(accelerator: Accelerator, stage: int, config: dict[str, Any]) -> None:
-    """Open the trackers of the accelerator (`train.make_accelerator(trackers=...)`) for one stage."""
-    accelerator.init_trackers(f"stage{stage}", config=flat_config(config))
+    """Open the trackers of the accelerator (`train.make_accelerator(trackers=...)`) for one stage.
+    W&B writes its run (`WANDB_MODE=offline`: the whole run) into `<logging_dir>/wandb/` like the
+    other trackers' logs, not into the current directory, its default."""
+    if accelerator.is_main_process:
+        Path(accelerator.logging_dir).mkdir(parents=True, exist_ok=True)  # W&B does not create it
+    accelerator.init_trackers(f"stage{stage}", config=flat_config(config),
+                              init_kwargs={"wandb": {"dir": str(accelerator.logging_dir)}})
 
 
 @torch.no_grad()
@@ -69,4 +81,6 @@ def log_grid(accelerator: Accelerator, ema: networks.Precond, step: int) -> None
     grid = sample_grid(ema, accelerator.device)
     for tracker in accelerator.trackers:
         if hasattr(tracker, "log_images"):
-            tracker.log_images({"one_step_samples": grid}, step=step, dataformats="NHWC")
+            # TensorBoard needs the layout; W&B passes keywords on to `wandb.log`, which refuses it.
+            layout = {"dataformats": "NHWC"} if tracker.name == "tensorboard" else {}
+            tracker.log_images({"one_step_samples": grid}, step=step, **layout)

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -156,10 +157,60 @@ def tiny_run(tmp_path_factory):
     return workdir, cfg, workdir / "results" / "tiny"
 
 
-def import_pytorch_fid(module: str):
-    """pytorch_fid.<module>, or a skip naming why it cannot be imported (it imports torchvision,
-    whose PyPI builds fail to load beside some torch builds with a RuntimeError)."""
-    try:
-        return importlib.import_module(f"pytorch_fid.{module}")
-    except (ImportError, RuntimeError) as e:
-        pytest.skip(f"pytorch-fid/torchvision not importable here: {type(e).__name__}: {e}")
+PYTORCH_FID_PYTHON = "REMEANFLOW_PYTORCH_FID_PYTHON"
+
+# What runs in the pytorch-fid environment around a test's code: the test's arrays as `inputs`,
+# pytorch-fid's modules as `pfi` (inception) and `fid_score`, and an `outputs` dict of arrays that
+# comes back to the test. One thread, as the tests here.
+_PYTORCH_FID_PRELUDE = """
+import sys
+import numpy as np
+import torch
+import pytorch_fid.fid_score as fid_score
+import pytorch_fid.inception as pfi
+torch.set_num_threads(1)
+with np.load(sys.argv[1]) as f:
+    inputs = {k: f[k] for k in f.files}
+outputs = {}
+"""
+
+
+def pytorch_fid_python() -> str:
+    """The Python of the pytorch-fid environment (REMEANFLOW_PYTORCH_FID_PYTHON). Without one a
+    skip that says how to make it, except in CI (CI=true), where it is a failure: the parity with
+    pytorch-fid is what makes our FID comparable to the paper's, so CI must not pass without it."""
+    python = os.environ.get(PYTORCH_FID_PYTHON)
+    if python and os.path.isfile(python) and os.access(python, os.X_OK):
+        return python
+    why = f"{PYTORCH_FID_PYTHON} is not set" if not python else f"{PYTORCH_FID_PYTHON}={python!r} is not an executable"
+    message = (f"pytorch-fid comparison: {why}; make the environment with `bash .ci/pytorch_fid_env.sh` and export "
+               f"{PYTORCH_FID_PYTHON}=<the path it prints> (.ci/run does both)")
+    if os.environ.get("CI") == "true":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def pytorch_fid(tmp_path_factory):
+    """`pytorch_fid(code, **arrays) -> dict of arrays`: runs `code` in pytorch-fid's own environment
+    (`pytorch_fid_python`; see _PYTORCH_FID_PRELUDE for the names it sees). A separate environment
+    because pytorch-fid needs torchvision, whose PyPI builds need another torch than this one's:
+    installing it here would replace the torch the project is tested with."""
+    python = pytorch_fid_python()
+    root = tmp_path_factory.mktemp("pytorch_fid")
+    calls = itertools.count()
+
+    def run(code: str, **arrays) -> dict[str, np.ndarray]:
+        k = next(calls)
+        inputs, outputs = root / f"in{k}.npz", root / f"out{k}.npz"
+        np.savez(inputs, **arrays)
+        script = _PYTORCH_FID_PRELUDE + textwrap.dedent(code) + "\nnp.savez(sys.argv[2], **outputs)\n"
+        env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}  # nothing of this venv
+        proc = subprocess.run([python, "-c", script, str(inputs), str(outputs)], capture_output=True, text=True,
+                              cwd=root, env=dict(env, OMP_NUM_THREADS="1"), timeout=600)
+        if proc.returncode != 0:
+            raise AssertionError(f"the pytorch-fid side failed ({proc.returncode}) in {python}:\n{proc.stderr[-4000:]}")
+        with np.load(outputs) as f:
+            return {key: f[key] for key in f.files}
+
+    return run

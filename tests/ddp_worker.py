@@ -10,7 +10,9 @@ LOCAL_RANK=0, MASTER_ADDR/PORT set as torchrun sets them on each node). SPEC key
   all-reduce), then the same step and a second one through the real (DDP-wrapped) trainer, each
   rank on its slice of `global_inputs` (recorded in `grads.rank<R>.<mode>.pt`);
 * train: keyword arguments of `train.train_meanflow`, run after the grads checks;
-* audit: folders in which every file-system write of this process is recorded.
+* audit: folders in which every file-system write of this process is recorded;
+* entry: keyword arguments as for `train`, run instead through the ranks' real entry point,
+  `python -m remeanflow.train <spec>` (`run_entry_point`); nothing else runs then.
 
 The records hold what the loop drew at every step (by wrapping `train.draw_step`), the writes
 seen by `WriteAudit`, the process's rank as accelerate sees it and the launcher's environment.
@@ -31,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_worker import hyperparameters, run_meanflow  # noqa: E402
+from train_worker import RUN_KEYS, hyperparameters, run_meanflow, train_settings  # noqa: E402
 
 # The trainer of the grads checks: stage 2 (the CFG target's extra forwards go through the
 # model too), no clipping (a clip would apply to each rank's own norm in the trap step).
@@ -163,13 +165,47 @@ def record_draws(draws: list[dict]) -> None:
     train.draw_step = recording
 
 
+def run_entry_point(kw: dict, record: Path) -> None:
+    """`python -m remeanflow.train <spec>` in this rank, as `launch.launch_module` starts it (`kw`:
+    flat keywords, as `train_worker.run_meanflow` takes them). Records the trackers this rank
+    closed and, for every destroy_process_group call, the output files that existed then; written
+    to `rank<R>.json` once the entry point has returned (the process group is gone by then)."""
+    import runpy
+
+    from remeanflow import tracking
+
+    rank = int(os.environ["RANK"])
+    run = {k: kw.pop(k) for k in list(kw) if k in RUN_KEYS}
+    spec_path = record / f"entry.rank{rank}.json"
+    spec_path.write_text(json.dumps({**run, "settings": train_settings(run.get("stage", 1), **kw).to_dict()}))
+
+    closed, destroyed = [], []
+    finish, destroy = tracking.finish, torch.distributed.destroy_process_group
+
+    def recording_finish(accelerator):
+        closed.append([tracker.name for tracker in accelerator.trackers])
+        finish(accelerator)
+
+    def recording_destroy(*args, **kwargs):
+        out = Path(run["out_dir"])
+        destroyed.append(sorted(p.name for p in out.iterdir()) if out.is_dir() else [])
+        destroy(*args, **kwargs)
+
+    tracking.finish, torch.distributed.destroy_process_group = recording_finish, recording_destroy
+    sys.argv = ["remeanflow.train", str(spec_path)]
+    runpy.run_module("remeanflow.train", run_name="__main__", alter_sys=True)
+    (record / f"rank{rank}.json").write_text(json.dumps(dict(
+        closed=closed, destroyed=destroyed, initialized_after=torch.distributed.is_initialized())))
+
+
 def main() -> None:
     from accelerate import PartialState
-
 
     spec = json.loads(Path(sys.argv[1]).read_text())
     torch.set_num_threads(1)
     record = Path(spec["record"])
+    if spec.get("entry"):
+        return run_entry_point(spec["entry"], record)
     audit = WriteAudit(spec.get("audit", []))
     draws: list[dict] = []
     record_draws(draws)

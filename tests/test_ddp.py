@@ -6,7 +6,9 @@ Three launches of tests/ddp_worker.py, each shared by the tests that read it:
   on heavily truncated couplings, checkpoints and EMA snapshots, every file write audited;
 * `two_nodes`: 2 processes started as torchrun starts one process on each of two nodes (both
   LOCAL_RANK 0, no ACCELERATE_USE_CPU): the gradient-synchronisation checks, then a stage-2 run;
-* the 1 -> 2 resume test's own launch.
+* the 1 -> 2 resume test's own launch;
+* `tracked_run`: 2 ranks through the ranks' real entry point (`python -m remeanflow.train`) with
+  TensorBoard and W&B (offline) as trackers.
 
 Gradient synchronisation through the forward-mode JVP path (with the trap as a negative
 control), 2 ranks x B = 1 rank x 2B, equal per-rank batches under truncation, randomness keyed by
@@ -20,21 +22,24 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from remeanflow import checkpoints, launch, train, train_state
+from remeanflow import checkpoints, launch, tracking, train, train_state
 from remeanflow.coupling_set import open_couplings
 from remeanflow.loader import CouplingStream
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ddp_worker import HYPER, global_inputs  # noqa: E402
-from train_worker import TRAIN_KW, hyperparameters, make_couplings, make_teacher, run_meanflow  # noqa: E402
+from train_worker import (  # noqa: E402
+    NUM_CLASSES, TRAIN_KW, hyperparameters, make_couplings, make_teacher, run_meanflow)
 
 pytestmark = pytest.mark.slow
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -63,12 +68,12 @@ def write_spec(root: Path, spec: dict) -> Path:
     return path
 
 
-def accelerate_launch(root: Path, spec: dict) -> subprocess.CompletedProcess:
-    """2 ranks under `accelerate launch`, exactly as the workflow launches training."""
+def accelerate_launch(root: Path, spec: dict, **env_vars: str) -> subprocess.CompletedProcess:
+    """2 ranks under `accelerate launch`, exactly as the workflow launches training, in `root`."""
     cmd, env = launch.accelerate_command(2)
-    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **env_vars)
     proc = subprocess.run([*cmd, str(WORKER), str(write_spec(root, spec))], capture_output=True, text=True, env=env,
-                          timeout=300)
+                          cwd=root, timeout=300)
     assert proc.returncode == 0, f"launch failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-6000:]}"
     return proc
 
@@ -269,6 +274,86 @@ def test_snapshots_are_kept_and_hold_the_ema(ddp_run):
     for k, v in last["net"].state_dict().items():
         assert torch.equal(v, final[k]) and torch.equal(v, ckpt["ema"][k]), k
     assert not all(torch.equal(v, last["net"].state_dict()[k]) for k, v in first["net"].state_dict().items())
+
+
+# ----------------------------------------------------------------------------------------------
+# Trackers.
+
+
+@pytest.fixture(scope="module")
+def tracked_run(data):
+    """4 steps on 2 ranks with `train.trackers: [tensorboard, wandb]`, W&B offline, snapshots (and
+    sample grids) at steps 2 and 4. W&B's own folders go under the run's root, not the home."""
+    root = data["root"] / "tracked"
+    kw = train_kw(data["manifest"], data["teacher"], root, snapshot_every=2, trackers=["tensorboard", "wandb"])
+    wandb_dirs = {f"WANDB_{name}_DIR": str(root / f"wandb-{name.lower()}") for name in ("CONFIG", "CACHE", "DATA")}
+    accelerate_launch(root, {"entry": kw}, WANDB_MODE="offline", **wandb_dirs)
+    rows = pd.read_csv(Path(kw["out_dir"]) / "metrics.csv")
+    assert rows["step"].tolist() == [1, 2, 3, 4]
+    return {"root": root, "trackers": Path(kw["work_dir"]) / "trackers", "out": Path(kw["out_dir"]), "rows": rows,
+            "records": records(root)}
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The history rows (`wandb.log` calls, one per step) of a W&B run file (`run-<id>.wandb`):
+    LevelDB's log format (32 KiB blocks of records, each a 7-byte header: crc32, length, type
+    FULL/FIRST/MIDDLE/LAST) after a 7-byte ':W&B' file header, holding wandb's `Record` protobufs.
+    W&B has no reader of its own for these files any more (it went into its Go core)."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block = path.read_bytes(), 32768
+    assert data[:4] == b":W&B", f"{path} is not a W&B run file"
+    pos, payload, rows = 7, b"", []
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        payload += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):  # FULL or LAST: the record is complete
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(payload)
+            payload = b""
+            if record.WhichOneof("record_type") == "history":
+                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                             for item in record.history.item})
+    return rows
+
+
+def test_trackers_log_on_the_main_process_only_and_the_group_goes_once_after_the_outputs(tracked_run):
+    closed = [r["closed"] for r in tracked_run["records"]]
+    assert closed == [[["tensorboard", "wandb"]], [[]]]  # every rank finished; only rank 0 had trackers
+    for rank in tracked_run["records"]:
+        assert len(rank["destroyed"]) == 1 and not rank["initialized_after"]
+        assert {"train_state.pt", "net_ema.pt", "metrics.csv"} <= set(rank["destroyed"][0])
+    assert not (tracked_run["root"] / "wandb").exists()  # W&B wrote under the trackers folder, not the cwd
+
+
+def test_tensorboard_events_hold_every_metric_once_per_step(tracked_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    files = list((tracked_run["trackers"] / "stage1").glob("events.out.tfevents.*"))
+    assert len(files) == 1, files  # one writer: the main process
+    events = event_accumulator.EventAccumulator(str(files[0]), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    for column in train_state.METRICS_COLUMNS[1:]:
+        logged = events.Scalars(column)
+        assert [e.step for e in logged] == [1, 2, 3, 4], column
+        assert [e.value for e in logged] == pytest.approx(tracked_run["rows"][column].tolist(), rel=1e-6), column
+    assert [e.step for e in events.Images("one_step_samples")] == [2, 4]
+
+
+def test_wandb_offline_run_holds_every_metric_once_per_step(tracked_run):
+    (run,) = (tracked_run["trackers"] / "wandb").glob("offline-run-*")
+    (run_file,) = run.glob("run-*.wandb")
+    history = wandb_history(run_file)
+    assert [row["_step"] for row in history] == [1, 2, 3, 4]
+    for column in train_state.METRICS_COLUMNS[1:]:
+        assert [row[column] for row in history] == pytest.approx(tracked_run["rows"][column].tolist(), rel=1e-6), column
+    grids = [row["_step"] for row in history if "one_step_samples/_type" in row]
+    assert grids == [2, 4]
+    assert history[1]["one_step_samples/count"] == min(tracking.GRID_CLASSES, NUM_CLASSES) * tracking.GRID_PER_CLASS
 
 
 # ----------------------------------------------------------------------------------------------

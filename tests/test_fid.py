@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.linalg
-from conftest import import_pytorch_fid
+from conftest import PYTORCH_FID_PYTHON, pytorch_fid_python
 
 from remeanflow import fid
 from remeanflow.fileio import sha256_file
@@ -101,14 +101,36 @@ def test_frechet_distance_matches_the_schur_square_root_formula():
         assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(schur, rel=1e-9)
 
 
-def test_frechet_distance_matches_pytorch_fid():
-    fid_score = import_pytorch_fid("fid_score")
+def test_frechet_distance_matches_pytorch_fid(pytorch_fid):
     rng = np.random.default_rng(7)
-    for d in (8, 64):
+    dims = (8, 64, 256)
+    stats = {}
+    for d in dims:
         x, y = rng.standard_normal((4 * d, d)), rng.standard_normal((3 * d, d)) @ rng.standard_normal((d, d)) * 0.3 + 1
-        s1, s2 = fid.gaussian_stats(x), fid.gaussian_stats(y)
-        want = fid_score.calculate_frechet_distance(*s1, *s2)
-        assert fid.frechet_distance(*s1, *s2) == pytest.approx(want, rel=1e-7)
+        stats[f"mu1_{d}"], stats[f"s1_{d}"] = fid.gaussian_stats(x)
+        stats[f"mu2_{d}"], stats[f"s2_{d}"] = fid.gaussian_stats(y)
+    theirs = pytorch_fid("""
+        for d in inputs["dims"]:
+            args = [inputs[f"{key}_{d}"] for key in ("mu1", "s1", "mu2", "s2")]
+            outputs[f"fd_{d}"] = np.array(fid_score.calculate_frechet_distance(*args))
+    """, dims=np.array(dims), **stats)
+    for d in dims:
+        got = fid.frechet_distance(stats[f"mu1_{d}"], stats[f"s1_{d}"], stats[f"mu2_{d}"], stats[f"s2_{d}"])
+        assert got == pytest.approx(float(theirs[f"fd_{d}"]), rel=1e-7), d
+
+
+def test_the_pytorch_fid_comparison_fails_in_ci_without_its_environment(monkeypatch, tmp_path):
+    """Skipping it there would let CI pass without the one check that ties our FID to the paper's."""
+    monkeypatch.delenv(PYTORCH_FID_PYTHON, raising=False)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"{PYTORCH_FID_PYTHON} is not set.*pytorch_fid_env.sh"):
+        pytorch_fid_python()
+    monkeypatch.setenv(PYTORCH_FID_PYTHON, str(tmp_path / "missing" / "python"))
+    with pytest.raises(pytest.fail.Exception, match="is not an executable"):
+        pytorch_fid_python()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="is not an executable"):
+        pytorch_fid_python()
 
 
 def test_frechet_distance_rejects_invalid_covariances_and_bad_shapes():

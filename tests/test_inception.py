@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import import_pytorch_fid
 
 from remeanflow import inception
 from remeanflow.fileio import sha256_file
@@ -50,26 +49,30 @@ def features(weights):
     return model, images, inception.extract_features(model, images, batch=3)
 
 
-def test_features_match_pytorch_fid_with_the_same_weights(weights, monkeypatch):
-    pfi = import_pytorch_fid("inception")
+def test_features_match_pytorch_fid_with_the_same_weights(weights, pytorch_fid):
     path, ours = weights
-    state = torch.load(path, weights_only=True)
-    # pytorch-fid downloads its weights in fid_inception_v3(); hand it ours instead. Its own strict
-    # load_state_dict then proves that the parameter names and shapes are identical.
-    monkeypatch.setattr(pfi, "load_state_dict_from_url", lambda *args, **kwargs: state)
-    reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
-    assert sorted(pfi.fid_inception_v3().state_dict()) == sorted(ours.state_dict())
     x = torch.rand(2, 3, 37, 53, generator=torch.Generator().manual_seed(2))  # non-square: resize path
+    u8 = smooth_images(3, 2, size=32)
+    theirs = pytorch_fid("""
+        # pytorch-fid downloads its weights in fid_inception_v3(); hand it ours instead. Its own
+        # strict load_state_dict then proves that the parameter names and shapes are identical.
+        state = torch.load(str(inputs["weights"]), weights_only=True)
+        pfi.load_state_dict_from_url = lambda *args, **kwargs: state
+        reference = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]]).eval()
+        outputs["names"] = np.array(sorted(pfi.fid_inception_v3().state_dict()))
+        with torch.inference_mode():
+            outputs["float"] = reference(torch.from_numpy(inputs["x"]))[0].flatten(1).numpy()
+            # its own loader's ToTensor(): uint8 / 255
+            outputs["uint8"] = reference(torch.from_numpy(inputs["u8"]).float() / 255)[0].flatten(1).numpy()
+    """, weights=np.array(str(path)), x=x.numpy(), u8=u8.numpy())
+    assert theirs["names"].tolist() == sorted(ours.state_dict())
+    want = torch.from_numpy(theirs["float"])
     with torch.inference_mode():
-        want = reference(x)[0].flatten(1)
         got = inception.load_inception(path, device="cpu")(x)
     assert want.abs().max() > 1  # the features are far from vanishing, so the comparison has teeth
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # uint8 input through the project's helper equals pytorch-fid fed x / 255 (its ToTensor()).
-    u8 = smooth_images(3, 2, size=32)
-    with torch.inference_mode():
-        want_u8 = reference(u8.float() / 255)[0].flatten(1).numpy()
-    np.testing.assert_allclose(inception.extract_features(ours, u8), want_u8, rtol=1e-5, atol=1e-5)
+    # uint8 input through the project's helper equals pytorch-fid fed x / 255.
+    np.testing.assert_allclose(inception.extract_features(ours, u8), theirs["uint8"], rtol=1e-5, atol=1e-5)
 
 
 def test_architecture_has_the_fid_blocks_and_parameter_names(weights):
