@@ -21,13 +21,16 @@ was stored) is still read: its keep flags are recomputed from each chunk, with a
 rerun the merge.
 
 Reading for training: `open_couplings` returns a `CouplingReader`, which checks each shard against
-the manifest (attributes only), loads each shard's chunk digests (the ``digest`` array,
-`couplings` module docstring) and reads whole generation chunks (`ChunkRef`), checking every chunk
-it reads against its digests and adding each sample's keep flag (and, unless asked not to, its
-distance). A changed, missing
-or unreadable chunk raises `couplings.CorruptChunkError` (shard, chunk, array, what to do): bad
-couplings never reach training. The merge verifies every chunk the same way (`couplings.scan_shard`).
-A shard written before chunk digests is refused (`couplings.PreDigestShardError`).
+the manifest (attributes only: fingerprint, index, and that the store at entry k's path is shard k
+with the range the merge recorded, the entries tiling the set in order -- shard paths swapped in the
+manifest or on disk are refused, naming both), loads each shard's chunk digests (the ``digest``
+array, `couplings` module docstring) and reads whole generation chunks (`ChunkRef`), checking every
+chunk it reads against its position-bound digests and its sample ids against those of its position
+(`couplings.read_checked_chunk`), and adding each sample's keep flag (and, unless asked not to, its
+distance). A changed, missing, unreadable, replayed, swapped or moved chunk raises
+`couplings.CorruptChunkError` (shard, chunk, array, what to do): bad couplings never reach training.
+The merge verifies every chunk the same way (`couplings.scan_shard`). A shard in an older format
+(no digests, or position-free ones) is refused (`couplings.OutdatedShardError`).
 
 The truncation threshold comes from `meanflow`; the shard store layer (`couplings`) does not
 import this module, so the shard job's code version does not depend on it.
@@ -63,7 +66,6 @@ from .couplings import (
     read_shard_attrs,
     scan_shard,
     store_checksum,
-    store_digest,
 )
 from .fileio import atomic_path
 from .meanflow import truncation_mask, truncation_threshold
@@ -277,9 +279,9 @@ class CouplingReader:
             raise CouplingStoreError(f"{manifest_path}: format {fmt!r}, expected {MANIFEST_FORMAT!r}")
         base = self.manifest_path.parent
         self.shard_paths = [base / s["path"] for s in self.manifest["shards"]]
-        opened = [self._open_checked(p, s) for p, s in zip(self.shard_paths, self.manifest["shards"])]
+        opened = [self._open_checked(k) for k in range(len(self.shard_paths))]
         self._arrays = [chunk_arrays(p, g) for p, (g, _) in zip(self.shard_paths, opened)]
-        self._algorithms = [store_digest(attrs) for _, attrs in opened]
+        self._attrs = [attrs for _, attrs in opened]
         # [num_chunks, len(DATA_ARRAYS)] per shard: a few bytes per chunk, read once
         self._digests = [read_digests(p, a["digest"]) if self.verify else None
                          for p, a in zip(self.shard_paths, self._arrays)]
@@ -294,14 +296,32 @@ class CouplingReader:
                         "distances (same result, more CPU); rerun the couplings_merge rule to store the mask",
                         self.manifest_path, fmt)
 
-    def _open_checked(self, path: Path, entry: dict[str, Any]) -> tuple[zarr.Group, dict[str, Any]]:
-        """Open a shard and check it is the one the manifest lists (cheap: attributes only)."""
+    def _open_checked(self, k: int) -> tuple[zarr.Group, dict[str, Any]]:
+        """Open shard k and check it is the one the manifest lists at that place (cheap: attributes
+        only): same fingerprint and index, and shard k of the set with the range the merge recorded
+        -- the ranges of the manifest's entries tile the set in order -- so a shard moved to another
+        entry's path (paths swapped) is refused, naming both paths."""
+        path, entries, manifest = self.shard_paths[k], self.manifest["shards"], self.manifest_path
         group, attrs = open_shard(path)
         if attrs["fingerprint_hash"] != self.manifest["fingerprint_hash"] or attrs["index_hash"] != self.manifest["index_hash"]:
-            raise FingerprintMismatchError(f"{path}: fingerprint/index differ from manifest {self.manifest_path}")
-        if attrs["range"] != entry["range"]:
-            raise CouplingStoreError(f"{path}: range {attrs['range']} but manifest {self.manifest_path} says {entry['range']}")
-        return group, attrs
+            raise FingerprintMismatchError(f"{path}: fingerprint/index differ from manifest {manifest}")
+        start = entries[k - 1]["range"][1] if k else 0
+        if entries[k]["range"][0] != start or (k == len(entries) - 1 and entries[k]["range"][1] != self.total):
+            raise CouplingStoreError(f"{manifest}: shard entries do not tile samples 0..{self.total - 1} in order "
+                                     f"(entry {k}, {path}, has range {entries[k]['range']}); {_remerge(manifest)}")
+        where = (attrs["shard"], attrs["num_shards"], attrs["range"], attrs["count"])
+        if where == (k, len(entries), entries[k]["range"], entries[k]["count"]):
+            return group, attrs
+        owner = next((self.shard_paths[m] for m, e in enumerate(entries) if e["range"] == attrs["range"]), None)
+        if owner is not None:
+            raise CouplingStoreError(
+                f"{manifest}: shard paths swapped: {path} holds shard {attrs['shard']} (samples {attrs['range']}), "
+                f"which the manifest lists at {owner}, but the manifest lists {path} for samples "
+                f"{entries[k]['range']}. Put the shard stores back where the merge found them, or {_remerge(manifest)}"
+            )
+        raise CouplingStoreError(f"{path}: shard {attrs['shard']} of {attrs['num_shards']}, range {attrs['range']}, "
+                                 f"but manifest {manifest} lists it as shard {k} of {len(entries)}, range "
+                                 f"{entries[k]['range']}; {_remerge(manifest)}")
 
     def _shard_chunks(self, k: int) -> list[ChunkRef]:
         entry, chunk = self.manifest["shards"][k], self.manifest["chunk"]
@@ -332,8 +352,8 @@ class CouplingReader:
         ref = self.chunks[i]
         arrays = self._arrays[ref.shard]
         if self.verify:
-            out = read_checked_chunk(ref.path, arrays, ref.chunk, ref.lo, ref.hi, self._digests[ref.shard][ref.chunk],
-                                     self._algorithms[ref.shard])
+            out = read_checked_chunk(ref.path, arrays, self._attrs[ref.shard], ref.chunk,
+                                     self._digests[ref.shard][ref.chunk])
         else:
             out = {name: read_array(ref.path, arrays[name], ref.lo, ref.hi) for name in DATA_ARRAYS}
         if not distance and self.keep is not None:
@@ -358,6 +378,11 @@ class CouplingReader:
         for path, entry in zip(self.shard_paths, self.manifest["shards"]):
             if store_checksum(path) != entry["checksum"]:
                 raise CouplingStoreError(f"{path}: checksum differs from manifest {self.manifest_path}: store modified")
+
+
+def _remerge(manifest_path) -> str:
+    """The end of every error about a manifest that does not describe its shards."""
+    return f"rerun the couplings_merge rule (`--forcerun {manifest_path}`) to rewrite the manifest"
 
 
 def open_couplings(manifest_path, *, verify: bool = True) -> CouplingReader:

@@ -31,21 +31,31 @@ ranks never share a mask object and a mask entry is either absent (False) or ful
 the whole mask reads back with one ``done[...]``. A chunk is marked only after its data arrays
 are written, so a process killed mid-chunk leaves it unmarked and a rerun regenerates it.
 
-Chunk digests. When chunk i is generated, ``digest[i]`` receives the digest of the little-endian
-bytes of chunk i of noise, endpoint, label and sample_id, exactly as they are written, before
-``done[i]`` is set. The algorithm is recorded in the attributes (``digest``): CRC-32
-(`zlib.crc32`, standard library, about 7 GB/s here) by default, or XXH3-64 (``xxh3_64``, needs
-the `xxhash` package, about 30 GB/s) when the store is created with ``digest="xxh3_64"``; a store
-is verified with the algorithm it records. Like ``done``, ``digest`` has one Zarr chunk per entry,
-so each rank writes only the entries of its own chunks. Every read that feeds training or the merge
+Chunk digests. When chunk i is generated, ``digest[i]`` receives, for each of noise, endpoint,
+label and sample_id, the digest of the chunk's *position* followed by the little-endian bytes of
+its chunk i, exactly as written, before ``done[i]`` is set. The position (`chunk_position`) is the
+store's identity (fingerprint hash, index hash, seed, shard of num_shards), the chunk index and the
+sample-id range the reflow index assigns to the chunk, plus the array's name; it enters the hash as
+the sha256 of its canonical JSON (`position_header`). So a chunk copied to another position --
+replayed over another chunk, swapped with one, moved from another shard or another store -- fails
+its digest even when its digest row travels with it; and every checked read also compares the
+sample ids it read with the ones the index assigns to that position (the index's ids are
+``0..N-1`` in order, so that is ``range[0] + lo .. range[0] + hi - 1``: no index read per chunk),
+naming the chunk whose ids they are. The algorithm is recorded in the attributes (``digest``): XXH3-64 (``xxh3_64``,
+the `xxhash` package, about 30 GB/s) by default, or CRC-32 (`zlib.crc32`, standard library, about
+7 GB/s) when the store is created with ``digest="zlib.crc32"``; a store is verified with the
+algorithm it records. Like ``done``, ``digest`` has one Zarr chunk per entry, so each rank writes
+only the entries of its own chunks. Every read that feeds training or the merge
 (`read_checked_chunk`: `scan_shard`, hence `verify_shard` and `coupling_set.merge_shards`, and
 `coupling_set.CouplingReader.read_chunk`) recomputes the digests of what it read and raises
 `CorruptChunkError` on a mismatch -- naming the shard, the chunk, the array and, when the chunk
 file is gone (Zarr would silently return fill values, which cannot match the digest of real
-data), the missing file -- so corrupt or lost couplings are an error, never training data.
-The digests depend only on the chunk's contents, so they are the same whatever the number of
-shards or writer processes. A store that predates digests (format ``remeanflow.couplings.shard/1``)
-is refused with `PreDigestShardError`: its data cannot be verified, so it must be regenerated.
+data), the missing file -- so corrupt, lost or misplaced couplings are an error, never training
+data. The digests do not depend on the number of writer processes. Stores in an older format are
+refused with `OutdatedShardError`: format ``remeanflow.couplings.shard/1`` has no digests, ``/2``
+position-free ones (a replayed chunk passed them); neither can be verified, so they must be
+regenerated (the couplings come out bit-identical). The digests are integrity checks, not
+signatures: XXH3 has no key, so whoever can write the store can also write matching digests.
 Repair: `unmark_corrupt_chunks` (called by the couplings job before it resumes a store) unmarks the
 marked chunks that fail their digest, so `generate_shard` regenerates only those.
 
@@ -82,14 +92,21 @@ from .misc import require_int, shard_range
 from .reflow_index import ReflowIndex, load_index
 from .sampling import per_sample_noise
 
-SHARD_FORMAT = "remeanflow.couplings.shard/2"
-# Stores written before chunk digests: the same layout without `digest`; refused (PreDigestShardError).
-PRE_DIGEST_FORMATS = ("remeanflow.couplings.shard/1",)
+SHARD_FORMAT = "remeanflow.couplings.shard/3"
+# Older stores, refused (OutdatedShardError) with why their chunks cannot be verified.
+OUTDATED_FORMATS = {
+    "remeanflow.couplings.shard/1": "written before chunk digests",
+    "remeanflow.couplings.shard/2": "written with position-free chunk digests (a chunk copied over another one "
+                                    "passed them)",
+}
 DTYPES = ("float16", "float32")
 DATA_ARRAYS = ("noise", "endpoint", "label", "sample_id")
 # Chunk digest algorithms (module docstring, chunk digests); the one a store uses is in its attributes.
 DIGEST_ALGORITHMS = ("zlib.crc32", "xxh3_64")
 DEFAULT_DIGEST = "xxh3_64"
+# What a chunk digest covers (recorded in the attributes; module docstring, chunk digests).
+DIGEST_OF = ("position_header(chunk position, array name) followed by the little-endian bytes of chunk i of the "
+             "array")
 # Zarr's LocalStore writes through "<name>.<uuid>.partial" temporaries; a killed writer can leave one.
 _PARTIAL_SUFFIX = ".partial"
 # Value of the "noise" attribute of a compact store (no noise array; readers regenerate it).
@@ -120,8 +137,8 @@ class NonFiniteEndpointError(CouplingStoreError):
     """The sampler returned NaN/inf endpoints; the chunk was neither stored nor marked."""
 
 
-class PreDigestShardError(CouplingStoreError):
-    """A shard written before chunk digests existed: its data cannot be verified; regenerate it."""
+class OutdatedShardError(CouplingStoreError):
+    """A shard in an older format (`OUTDATED_FORMATS`): its chunks cannot be verified; regenerate it."""
 
     def __init__(self, path, found: str):
         self.path = str(path)
@@ -130,9 +147,10 @@ class PreDigestShardError(CouplingStoreError):
                     "regenerates it; the couplings come out bit-identical).")
         else:
             todo = f"Delete {path} and generate it again (the couplings come out bit-identical)."
+        why = OUTDATED_FORMATS.get(found, "an older format")
         super().__init__(
-            f"{path}: coupling shard in format {found!r}, written before chunk digests "
-            f"({SHARD_FORMAT!r}): its chunks cannot be verified, so it is not used. {todo}"
+            f"{path}: coupling shard in format {found!r}, {why} (now {SHARD_FORMAT!r}): its chunks cannot be "
+            f"verified, so it is not used. {todo}"
         )
 
 
@@ -286,7 +304,7 @@ def _shard_attrs(
         "index_hash": index.index_hash, "num_classes": index.num_classes,
         "label_sha256": _labels_sha256(index.labels[start:stop]),
         "fingerprint": fingerprint, "fingerprint_hash": fp_hash,
-        "digest": {"algorithm": digest, "of": "little-endian bytes of chunk i", "arrays": list(DATA_ARRAYS)},
+        "digest": {"algorithm": digest, "of": DIGEST_OF, "arrays": list(DATA_ARRAYS)},
     }
     return json.loads(json.dumps(attrs))  # tuples -> lists, exactly as Zarr will return them
 
@@ -325,8 +343,8 @@ def read_shard_attrs(path: Path) -> dict[str, Any]:
         attrs = dict(zarr.open_group(str(path), mode="r", zarr_format=3).attrs)
     except (OSError, ValueError, KeyError) as e:
         raise CouplingStoreError(f"{path}: not a readable Zarr v3 coupling shard ({type(e).__name__}: {e})") from e
-    if attrs.get("format") in PRE_DIGEST_FORMATS:
-        raise PreDigestShardError(path, attrs["format"])
+    if attrs.get("format") in OUTDATED_FORMATS:
+        raise OutdatedShardError(path, attrs["format"])
     if attrs.get("format") != SHARD_FORMAT:
         raise CouplingStoreError(f"{path}: not a coupling shard (format={attrs.get('format')!r}, expected {SHARD_FORMAT!r})")
     return attrs
@@ -397,17 +415,24 @@ def read_digests(path, array: zarr.Array) -> np.ndarray:
 # Chunk digests
 
 
-def digest_fn(algorithm: str) -> Callable[[Any], int]:
-    """The function (bytes-like -> int) of a chunk digest algorithm; CouplingStoreError if this
+def digest_fn(algorithm: str) -> Callable[[bytes, Any], int]:
+    """The function (header, data) -> int of a chunk digest algorithm: the digest of `header`
+    followed by the bytes-like `data`, without concatenating them. CouplingStoreError if this
     machine cannot compute it (XXH3 needs the `xxhash` package)."""
     if algorithm == "zlib.crc32":
-        return zlib.crc32
+        return lambda header, data: zlib.crc32(data, zlib.crc32(header))
     if algorithm == "xxh3_64":
         try:
             import xxhash
         except ImportError as e:
             raise CouplingStoreError("chunk digest 'xxh3_64' needs the xxhash package (pip install xxhash)") from e
-        return xxhash.xxh3_64_intdigest
+
+        def xxh3(header: bytes, data: Any) -> int:
+            h = xxhash.xxh3_64(header)  # streaming equals one-shot XXH3 of header + data
+            h.update(data)
+            return h.intdigest()
+
+        return xxh3
     raise CouplingStoreError(f"unknown chunk digest algorithm {algorithm!r} (known: {DIGEST_ALGORITHMS})")
 
 
@@ -416,15 +441,37 @@ def store_digest(attrs: Mapping[str, Any]) -> str:
     return attrs["digest"]["algorithm"]
 
 
-def array_digest(a: np.ndarray, algorithm: str = DEFAULT_DIGEST) -> int:
-    """Digest of an array's little-endian bytes in C order (= the stored bytes of an uncompressed chunk)."""
+def chunk_position(attrs: Mapping[str, Any], i: int) -> dict[str, Any]:
+    """Where chunk i of a shard sits: the store's identity, the chunk index and the sample ids
+    [start, stop) that the reflow index assigns to it (what a chunk digest binds besides the bytes)."""
+    lo, hi = _chunk_bounds(attrs, i)
+    start = int(attrs["range"][0])
+    return {"fingerprint_hash": attrs["fingerprint_hash"], "index_hash": attrs["index_hash"], "seed": attrs["seed"],
+            "shard": attrs["shard"], "num_shards": attrs["num_shards"], "chunk": int(i),
+            "sample_ids": [start + lo, start + hi]}
+
+
+def position_header(attrs: Mapping[str, Any], i: int, name: str) -> bytes:
+    """The bytes hashed before chunk i of array `name`: the sha256 of the canonical JSON of its
+    `chunk_position` and name (32 bytes, whatever the position's size)."""
+    return bytes.fromhex(json_sha256({**chunk_position(attrs, i), "array": name}))
+
+
+def array_digest(a: np.ndarray, algorithm: str = DEFAULT_DIGEST, header: bytes = b"") -> int:
+    """Digest of `header` followed by an array's little-endian bytes in C order (= the stored bytes
+    of an uncompressed chunk)."""
     a = np.ascontiguousarray(a).astype(a.dtype.newbyteorder("<"), copy=False)
-    return int(digest_fn(algorithm)(a.reshape(-1).view(np.uint8)))
+    return int(digest_fn(algorithm)(header, a.reshape(-1).view(np.uint8)))
 
 
-def chunk_digest(data: Mapping[str, np.ndarray], algorithm: str = DEFAULT_DIGEST) -> np.ndarray:
-    """uint64 [len(DATA_ARRAYS)]: `array_digest` of one chunk of every data array."""
-    return np.array([array_digest(data[name], algorithm) for name in DATA_ARRAYS], dtype=np.uint64)
+def digest_at(a: np.ndarray, attrs: Mapping[str, Any], i: int, name: str) -> int:
+    """The digest of `a` as chunk i of array `name` of the shard with attributes `attrs`."""
+    return array_digest(a, store_digest(attrs), position_header(attrs, i, name))
+
+
+def chunk_digest(data: Mapping[str, np.ndarray], attrs: Mapping[str, Any], i: int) -> np.ndarray:
+    """uint64 [len(DATA_ARRAYS)]: `digest_at` of chunk i of every data array."""
+    return np.array([digest_at(data[name], attrs, i, name) for name in DATA_ARRAYS], dtype=np.uint64)
 
 
 def chunk_file(path, array: zarr.Array, i: int) -> Path:
@@ -433,39 +480,65 @@ def chunk_file(path, array: zarr.Array, i: int) -> Path:
 
 
 def read_checked_chunk(
-    path, arrays: Mapping[str, zarr.Array], i: int, lo: int, hi: int, expected: np.ndarray, algorithm: str
+    path, arrays: Mapping[str, zarr.Array], attrs: Mapping[str, Any], i: int, expected: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """Chunk i (local samples [lo, hi)) of every data array, checked against its recorded digests
-    `expected` (row i of `digest`, made with `algorithm`); CorruptChunkError names the shard, the
-    chunk, the bad arrays and what to do."""
-    data, problems = _read_and_check(path, arrays, i, lo, hi, expected, algorithm)
+    """Chunk i of every data array of the shard at `path` (attributes `attrs`), checked against its
+    recorded digests `expected` (row i of `digest`) and its sample ids against those the index
+    assigns to chunk i; CorruptChunkError names the shard, the chunk, the bad arrays and what to do."""
+    data, problems = _read_and_check(path, arrays, attrs, i, expected)
     if problems:
         raise CorruptChunkError(path, {i: problems})
     return data
 
 
 def _read_and_check(
-    path, arrays: Mapping[str, zarr.Array], i: int, lo: int, hi: int, expected: np.ndarray, algorithm: str
+    path, arrays: Mapping[str, zarr.Array], attrs: Mapping[str, Any], i: int, expected: np.ndarray
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """(data, problems): chunk i of every data array, and what is wrong with each array that cannot
-    be read or does not match its digest. A missing chunk file reads as fill values, whose digest
-    cannot match that of the data once written; the file's absence is then named."""
+    be read, does not match its digest at this position, or (sample_id) holds other ids than the
+    position's. A missing chunk file reads as fill values, whose digest cannot match that of the
+    data once written; the file's absence is then named."""
+    lo, hi = _chunk_bounds(attrs, i)
     data: dict[str, np.ndarray] = {}
     problems: dict[str, str] = {}
-    for k, name in enumerate(DATA_ARRAYS):
+    for name in DATA_ARRAYS:
         try:
             data[name] = arrays[name][lo:hi]
         except Exception as e:  # codec/IO errors come in many types; all mean "corrupt chunk"
             problems[name] = f"cannot be read ({type(e).__name__}: {e})"
-            continue
-        if array_digest(data[name], algorithm) != int(expected[k]):
-            problems[name] = _mismatch(path, arrays, name, i)
+    misplaced = _misplaced_ids(attrs, i, data["sample_id"]) if "sample_id" in data else None
+    for k, name in enumerate(DATA_ARRAYS):
+        if name in data and digest_at(data[name], attrs, i, name) != int(expected[k]):
+            problems[name] = _mismatch(path, arrays, name, i, misplaced)
+    if misplaced:  # a check of its own, whatever the digests say; named first, as it explains the others
+        problems = {"sample_id": problems.pop("sample_id", misplaced), **problems}
     return data, problems
 
 
-def _mismatch(path, arrays: Mapping[str, zarr.Array], name: str, i: int) -> str:
-    """Why chunk i of array `name` does not match its digest, as far as the files tell (error path only)."""
+def _misplaced_ids(attrs: Mapping[str, Any], i: int, ids: np.ndarray) -> str | None:
+    """None if chunk i holds the sample ids the reflow index assigns to its position, else what it
+    holds instead (and whose they are, when another chunk's of this shard)."""
+    want_lo, want_hi = chunk_position(attrs, i)["sample_ids"]
+    if np.array_equal(ids, np.arange(want_lo, want_hi)):
+        return None
+    start, stop = attrs["range"]
+    first = int(ids[0]) if ids.size else 0
+    contiguous = ids.size > 0 and np.array_equal(ids, np.arange(first, first + ids.size))
+    held = f"{first}..{int(ids[-1])}" if contiguous else _abbrev(ids.tolist())
+    if ids.size and not (start <= ids.min() and ids.max() < stop):
+        held += f", not all in this shard's range {start}..{stop - 1}"
+    elif contiguous and (first - start) % int(attrs["chunk"]) == 0:
+        held += f" (those of chunk {(first - start) // int(attrs['chunk'])})"
+    return (f"holds sample ids {held} where the reflow index assigns {want_lo}..{want_hi - 1}: a chunk replayed, "
+            "swapped or moved from another position")
+
+
+def _mismatch(path, arrays: Mapping[str, zarr.Array], name: str, i: int, misplaced: str | None) -> str:
+    """Why chunk i of array `name` does not match its digest, as far as the files tell (error path
+    only); `misplaced`: what `_misplaced_ids` found wrong with the chunk's sample ids, if anything."""
     if isinstance(arrays[name], RegeneratedNoise):
+        if misplaced:
+            return "regenerated from sample ids that are not this position's (see sample_id)"
         made_with = (arrays[name].attrs.get("fingerprint", {}).get("noise") or {}).get("numpy")
         made = f"numpy {made_with} when the store was made" if made_with else "the store records no numpy version"
         return (f"regenerated from (sample_id, seed) differs from the noise its endpoints were generated from "
@@ -477,6 +550,8 @@ def _mismatch(path, arrays: Mapping[str, zarr.Array], name: str, i: int) -> str:
         return f"chunk file {rel} is missing (Zarr would have returned fill values)"
     if not digest_file.exists():
         return f"has no recorded digest (file {digest_file.relative_to(path).as_posix()} is missing)"
+    if name == "sample_id" and misplaced:
+        return misplaced
     return f"data (file {rel}) differ from the digest recorded when the chunk was written"
 
 
@@ -543,7 +618,7 @@ def _generate_chunk(path, arrays: dict[str, zarr.Array], attrs: dict[str, Any], 
         arrays["noise"][lo:hi] = noise
     arrays["endpoint"][lo:hi] = endpoint
     data = {"noise": noise, "endpoint": endpoint, "label": labels, "sample_id": ids}
-    arrays["digest"][i] = chunk_digest(data, store_digest(attrs))
+    arrays["digest"][i] = chunk_digest(data, attrs, i)
     arrays["done"][i] = True
     return hi - lo
 
@@ -609,7 +684,7 @@ def scan_shard(
     bad_chunks: list[int] = []
     for i in tqdm(range(attrs["num_chunks"]), desc=f"verify {Path(path).name}", disable=not progress):
         lo, hi = _chunk_bounds(attrs, i)
-        data, problems = _read_and_check(path, arrays, i, lo, hi, digests[i], store_digest(attrs))
+        data, problems = _read_and_check(path, arrays, attrs, i, digests[i])
         if problems:
             corrupt[i] = problems
             continue
@@ -659,7 +734,7 @@ def unmark_corrupt_chunks(path, *, index_store) -> list[int]:
         lo, hi = _chunk_bounds(attrs, i)
         want = {"label": index.labels[start + lo : start + hi], "sample_id": index.sample_ids[start + lo : start + hi]}
         if done[i]:  # the digests cover label and sample_id too
-            _, problems = _read_and_check(path, arrays, i, lo, hi, digests[i], store_digest(attrs))
+            _, problems = _read_and_check(path, arrays, attrs, i, digests[i])
         else:  # not generated yet: only the creation-time arrays must be right
             problems = {name: "differs from the index" for name in want if not _equals(arrays[name], lo, hi, want[name])}
         for name in problems:

@@ -50,10 +50,12 @@ The keep flags come from the mask the merge stored in the manifest (`coupling_se
 recomputing every coupling's distance; a manifest written before the mask still works, recomputing
 them (`coupling_set.CouplingReader`, with a warning).
 
-Every chunk a window reads is checked against the digests recorded when it was written
-(`coupling_set.CouplingReader.read_chunk`): a changed, missing or unreadable chunk file raises
-`couplings.CorruptChunkError` (naming the shard, the chunk and how to regenerate it) before any of
-its samples reaches a batch.
+Every chunk a window reads is checked against the digests recorded when it was written, which bind
+its position (shard, chunk index, sample ids) as well as its bytes, and its sample ids against the
+ones the reflow index assigns to that position (`coupling_set.CouplingReader.read_chunk`): a
+changed, missing or unreadable chunk file, or a chunk replayed, swapped or moved from another
+position, raises `couplings.CorruptChunkError` (naming the shard, the chunk and how to regenerate
+it) before any of its samples reaches a batch.
 """
 
 from __future__ import annotations

@@ -1,21 +1,200 @@
-"""Coupling chunk digests through the real workflow: a finished tiny run is copied, one chunk file
-of a published coupling shard is damaged (three flipped bytes, or the file deleted), and stage 1
-is retrained. The job must fail, name the shard and the chunk, and publish nothing; following the
-error's advice (`--forcerun <shard>`, after moving the shard back to its work path to regenerate
-only the bad chunk) repairs the run bit for bit."""
+"""Coupling chunk digests and positions (docs/architecture.md, coupling shards; DESIGN 6a).
+
+Fast tier: a coupling set of 48 couplings in 2 shards of 3 chunks, built in seconds by the
+library's own writer (a toy teacher), is damaged as an attacker would -- flipped bytes, a deleted
+chunk, chunk k replayed over chunk j (every array with its digest row), two chunks swapped within a
+shard and across shards, two shard paths swapped in the manifest -- and each must be refused by
+the training reader (`loader.CouplingStream`) before any coupling of the bad chunk reaches a batch,
+and by verification (`couplings.verify_shard`, the merge), naming the shard and the chunk.
+
+Slow tier, through the real workflow: a finished tiny run is copied, one chunk of a published
+coupling shard is damaged (three flipped bytes, the file deleted, or another chunk replayed over
+it), and stage 1 is retrained. The job must fail, name the shard and the chunk, and publish
+nothing; following the error's advice (`--forcerun <shard>`, after moving the shard back to its
+work path to regenerate only the bad chunk) repairs the run bit for bit."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_snakemake
 
+from remeanflow import coupling_set as CS
+from remeanflow import couplings as C
 from remeanflow.couplings import store_checksum
+from remeanflow.loader import CouplingStream
 
-pytestmark = pytest.mark.slow
+sys.path.insert(0, str(Path(__file__).parent))
+from couplings_worker import toy_generate  # noqa: E402
+from train_worker import FINGERPRINT, make_couplings  # noqa: E402
+
+# ----------------------------------------------------------------------------------------------
+# Fast tier: a store the test builds, every attack refused by the stream and by verification.
+
+CHUNK = 8  # 48 couplings: shard 0 holds ids 0..23 (chunks 0-2), shard 1 ids 24..47 (chunks 0-2)
+FILES = ("noise", "endpoint", "label", "sample_id", "digest")  # a chunk's files, its digest row included
+
+
+def chunk_file(shard: Path, array: str, i: int) -> Path:
+    nd = {"noise": 4, "endpoint": 4, "label": 1, "sample_id": 1, "digest": 2}[array]
+    return shard.joinpath(array, "c", str(i), *["0"] * (nd - 1))
+
+
+def copy_chunk(src: Path, k: int, dst: Path, j: int, files=FILES) -> None:
+    """Chunk k of shard `src` written over chunk j of shard `dst`, file by file (what `cp` does)."""
+    for name in files:
+        if chunk_file(src, name, k).exists():  # a compact store has no noise files
+            chunk_file(dst, name, j).write_bytes(chunk_file(src, name, k).read_bytes())
+
+
+def swap_chunks(a: Path, k: int, b: Path, j: int) -> None:
+    for name in FILES:
+        if chunk_file(a, name, k).exists():
+            x, y = chunk_file(a, name, k), chunk_file(b, name, j)
+            raw = x.read_bytes()
+            x.write_bytes(y.read_bytes())
+            y.write_bytes(raw)
+
+
+def flip(shards: list[Path]) -> None:
+    raw = bytearray(chunk_file(shards[1], "endpoint", 1).read_bytes())
+    raw[100] ^= 0x01  # one bit
+    chunk_file(shards[1], "endpoint", 1).write_bytes(bytes(raw))
+
+
+# attack -> (damage, {shard: {chunk: what the error must say about it}})
+ATTACKS = {
+    "flip": (flip, {1: {1: "endpoint data (file endpoint/c/1/0/0/0) differ from the digest"}}),
+    "delete": (lambda s: [chunk_file(s[1], n, 1).unlink(missing_ok=True) for n in FILES],
+               {1: {1: "sample_id chunk file sample_id/c/1 is missing"}}),
+    "replay": (lambda s: copy_chunk(s[1], 0, s[1], 2),
+               {1: {2: "sample_id holds sample ids 24..31 (those of chunk 0) where the reflow index assigns 40..47"}}),
+    "replay-data-only": (lambda s: copy_chunk(s[1], 0, s[1], 2, files=("noise", "endpoint")),
+                         {1: {2: "endpoint data (file endpoint/c/2/0/0/0) differ from the digest"}}),
+    "swap": (lambda s: swap_chunks(s[1], 0, s[1], 2),
+             {1: {0: "sample_id holds sample ids 40..47 (those of chunk 2) where the reflow index assigns 24..31",
+                  2: "sample_id holds sample ids 24..31 (those of chunk 0) where the reflow index assigns 40..47"}}),
+    "swap-across-shards": (lambda s: swap_chunks(s[0], 1, s[1], 1),
+                           {0: {1: "holds sample ids 32..39, not all in this shard's range 0..23"},
+                            1: {1: "holds sample ids 8..15, not all in this shard's range 24..47"}}),
+}
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    """The sound sets, full and compact (noise regenerated by every reader), built once."""
+    root = tmp_path_factory.mktemp("integrity")
+    return {store_noise: make_couplings(root / f"noise-{store_noise}", num_samples=48, chunk=CHUNK, num_shards=2,
+                                        store_noise=store_noise)
+            for store_noise in (True, False)}
+
+
+def fresh_copy(pristine, store_noise: bool, dst: Path) -> tuple[Path, list[Path], Path]:
+    """(manifest, shard paths, index) of a private copy of a sound set."""
+    shutil.copytree(pristine[store_noise].parent, dst)
+    return dst / "manifest.json", [dst / f"shard-{k:05d}.zarr" for k in range(2)], dst / "index.zarr"
+
+
+def drain(manifest: Path) -> tuple[C.CouplingStoreError, list[int]]:
+    """Read one epoch of the training stream (chunk order shuffled, one chunk per window) until it
+    raises; returns the error and the sample ids drawn before it."""
+    seen: list[int] = []
+    stream = CouplingStream(manifest, batch_size=4, seed=0, window_chunks=1, truncate=False)
+    for _ in range(48 // 4):
+        try:
+            seen += next(stream)["sample_id"].tolist()
+        except C.CouplingStoreError as e:
+            return e, seen
+    raise AssertionError(f"{manifest}: the training stream read a whole epoch of a damaged set")
+
+
+@pytest.mark.parametrize("store_noise", [True, False], ids=["full", "compact"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_damaged_or_misplaced_chunks_are_refused_naming_shard_and_chunk(pristine, tmp_path, attack, store_noise):
+    manifest, shards, index = fresh_copy(pristine, store_noise, tmp_path / "set")
+    damage, expected = ATTACKS[attack]
+    damage(shards)
+
+    # the training reader: the first bad chunk it reaches, before any of its couplings is drawn
+    err, seen = drain(manifest)
+    assert isinstance(err, C.CorruptChunkError)
+    shard = shards.index(Path(err.path))
+    (chunk,) = err.chunks
+    assert shard in expected and chunk in expected[shard], (shard, chunk, str(err))
+    assert str(err).startswith(f"{shards[shard]}: corrupt coupling chunk(s) [{chunk}]")
+    assert expected[shard][chunk] in str(err) and "must be regenerated" in str(err)
+    assert len(seen) == len(set(seen)), "a replayed coupling reached a batch"
+    assert set(seen).isdisjoint(range(24 * shard + CHUNK * chunk, 24 * shard + CHUNK * (chunk + 1)))
+
+    # verification and the merge: every bad chunk of every damaged shard, named
+    for k, bad in expected.items():
+        with pytest.raises(C.CorruptChunkError) as verr:
+            C.verify_shard(shards[k], index_store=index)
+        assert verr.value.chunks == sorted(bad) and all(f"chunk {i}: " in str(verr.value) for i in bad)
+        assert all(what in str(verr.value) for what in bad.values())
+    with pytest.raises(C.CorruptChunkError, match=rf"{shards[min(expected)]}: corrupt coupling chunk"):
+        CS.merge_shards(shards, tmp_path / "again.json", index_store=index, progress=False)
+
+    # repair: exactly the bad chunks are unmarked, and regenerating them restores the shard bit for bit
+    for k, bad in expected.items():
+        assert C.unmark_corrupt_chunks(shards[k], index_store=index) == sorted(bad)
+        assert C.generate_shard(shards[k], toy_generate, progress=False)["chunks_generated"] == len(bad)
+        assert store_checksum(shards[k]) == store_checksum(pristine[store_noise].parent / shards[k].name)
+
+
+def test_a_chunk_of_another_coupling_set_at_the_same_position_is_refused(pristine, tmp_path):
+    """Same index, geometry and sample ids, another teacher: only the store's identity in the digest
+    tells the chunks apart (the sample ids are the right ones)."""
+    manifest, shards, index = fresh_copy(pristine, True, tmp_path / "set")
+    foreign = tmp_path / "foreign.zarr"
+    attrs = C.read_shard_attrs(shards[1])
+    C.create_shard_store(foreign, index_store=index, shard=1, num_shards=2, chunk=CHUNK, shape=attrs["shape"],
+                         noise_dtype=attrs["noise_dtype"], endpoint_dtype=attrs["endpoint_dtype"], seed=attrs["seed"],
+                         fingerprint={**FINGERPRINT, "teacher_sha256": "b" * 64})
+    C.generate_shard(foreign, lambda noise, labels: 0.5 * toy_generate(noise, labels), progress=False)
+    copy_chunk(foreign, 1, shards[1], 1)
+    err, _ = drain(manifest)
+    assert isinstance(err, C.CorruptChunkError) and err.path == str(shards[1]) and err.chunks == [1]
+    assert "endpoint data (file endpoint/c/1/0/0/0) differ from the digest" in str(err)
+    with pytest.raises(C.CorruptChunkError, match=r"corrupt coupling chunk\(s\) \[1\]"):
+        C.verify_shard(shards[1])
+
+
+def test_swapped_shard_paths_in_the_manifest_are_refused_naming_both(pristine, tmp_path):
+    manifest, shards, _ = fresh_copy(pristine, True, tmp_path / "set")
+    doc = json.loads(manifest.read_text())
+    entries = doc["shards"]
+    entries[0]["path"], entries[1]["path"] = entries[1]["path"], entries[0]["path"]
+    manifest.write_text(json.dumps(doc))
+    for read in (lambda: CS.open_couplings(manifest), lambda: CouplingStream(manifest, batch_size=4)):
+        with pytest.raises(C.CouplingStoreError) as err:
+            read()
+        msg = str(err.value)
+        assert msg.startswith(f"{manifest}: shard paths swapped: {shards[1]} holds shard 1 (samples [24, 48]), which "
+                              f"the manifest lists at {shards[0]}, but the manifest lists {shards[1]} for samples [0, 24]")
+        assert f"`--forcerun {manifest}`" in msg
+    # the shards themselves are sound: only their places in the manifest are wrong
+    for path in shards:
+        C.verify_shard(path)
+
+
+def test_swapped_shard_stores_on_disk_are_refused_naming_both(pristine, tmp_path):
+    manifest, shards, _ = fresh_copy(pristine, True, tmp_path / "set")
+    shards[0].rename(tmp_path / "set" / "aside")
+    shards[1].rename(shards[0])
+    (tmp_path / "set" / "aside").rename(shards[1])
+    with pytest.raises(C.CouplingStoreError, match=rf"shard paths swapped: {shards[0]} holds shard 1 .* lists at "
+                                                   rf"{shards[1]}, but"):
+        CS.open_couplings(manifest)
+
+
+# ----------------------------------------------------------------------------------------------
+# Slow tier: the real workflow on the tiny config.
 
 SHARD = "results/tiny/reflow/couplings/shard-00000.zarr"
 WORK = "results/tiny/reflow/work/shard-00000.zarr"
@@ -53,6 +232,7 @@ def retrain_fails(workdir: Path, cfg: Path) -> str:
     return (workdir / "results/tiny/logs/train_stage1.log").read_text() + proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_flipped_bytes_fail_the_retrain_and_only_the_bad_chunk_is_regenerated(tiny_run, tmp_path):
     workdir, cfg = copy_run(tiny_run, tmp_path / "flip")
     run = workdir / "results/tiny"
@@ -80,6 +260,7 @@ def test_flipped_bytes_fail_the_retrain_and_only_the_bad_chunk_is_regenerated(ti
     assert retrained.keys() == reference.keys() and all(torch.equal(retrained[k], reference[k]) for k in reference)
 
 
+@pytest.mark.slow
 def test_deleted_chunk_file_fails_the_retrain(tiny_run, tmp_path):
     workdir, cfg = copy_run(tiny_run, tmp_path / "delete")
     run = workdir / "results/tiny"
@@ -97,3 +278,16 @@ def test_deleted_chunk_file_fails_the_retrain(tiny_run, tmp_path):
     assert store_checksum(workdir / SHARD) == checksum
     retrained = ema_state(run / "train/stage1/net_ema.pt")
     assert all(torch.equal(retrained[k], reference[k]) for k in reference)
+
+
+@pytest.mark.slow
+def test_replayed_chunk_fails_the_retrain(tiny_run, tmp_path):
+    """Chunk 0 of the published shard copied over its chunk 2, digest row and all: before chunk
+    digests bound the position, training read it without complaint and trained another net."""
+    workdir, cfg = copy_run(tiny_run, tmp_path / "replay")
+    copy_chunk(workdir / SHARD, 0, workdir / SHARD, 2)
+    log = retrain_fails(workdir, cfg)
+    assert f"CorruptChunkError: {SHARD}: corrupt coupling chunk(s) [2] (1 total): chunk 2: sample_id holds sample " \
+           "ids 0..7 (those of chunk 0) where the reflow index assigns 16..23: a chunk replayed, swapped or moved " \
+           "from another position" in log
+    assert f"rerun the workflow with `--forcerun {SHARD}`" in log

@@ -2,6 +2,8 @@
 chunk digests (corrupt or missing chunk files, stores without digests, repair); the coupling job's
 precision and fast path (`coupling_job`)."""
 
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -114,16 +116,27 @@ def test_store_layout_one_chunk_per_batch(tmp_path, index):
     np.testing.assert_array_equal(group["noise"][:4], per_sample_noise(7, ids, (2, 4, 4)).half().numpy())
     report = C.verify_shard(path, index_store=index, check_noise=True)
     assert report["count"] == 60 and sum(report["class_counts"]) == 60
-    # digest[i] is the digest (default: zlib.crc32) of chunk i of each data array, as stored
-    assert C.DEFAULT_DIGEST in C.DIGEST_ALGORITHMS and C.digest_fn("zlib.crc32") is __import__("zlib").crc32
-    assert attrs["digest"] == {"algorithm": C.DEFAULT_DIGEST, "of": "little-endian bytes of chunk i",
+    # digest[i] is the digest (default: XXH3) of chunk i of each data array as stored, after the
+    # sha256 of its position: the store's identity, the chunk index and its sample ids
+    import xxhash
+
+    assert C.DEFAULT_DIGEST == "xxh3_64" and C.DEFAULT_DIGEST in C.DIGEST_ALGORITHMS
+    assert attrs["digest"] == {"algorithm": C.DEFAULT_DIGEST, "of": C.DIGEST_OF,
                                "arrays": ["noise", "endpoint", "label", "sample_id"]}
-    fn = C.digest_fn(C.DEFAULT_DIGEST)
+    assert attrs["format"] == "remeanflow.couplings.shard/3"
     for i in (0, 14):
-        expected = [fn(np.ascontiguousarray(group[n][4 * i : 4 * i + 4]).tobytes()) for n in C.DATA_ARRAYS]
-        assert group["digest"][i].tolist() == expected
+        position = {"fingerprint_hash": attrs["fingerprint_hash"], "index_hash": attrs["index_hash"], "seed": 7,
+                    "shard": 0, "num_shards": 1, "chunk": i, "sample_ids": [4 * i, 4 * i + 4]}
+        assert C.chunk_position(attrs, i) == position
+        for k, name in enumerate(C.DATA_ARRAYS):
+            header = hashlib.sha256(json.dumps({**position, "array": name}, sort_keys=True,
+                                               separators=(",", ":")).encode()).digest()
+            data = np.ascontiguousarray(group[name][4 * i : 4 * i + 4]).tobytes()
+            assert group["digest"][i, k] == xxhash.xxh3_64_intdigest(header + data), (i, name)
     raw = (path / "endpoint" / "c" / "3" / "0" / "0" / "0").read_bytes()  # uncompressed: the file's own bytes
-    assert group["digest"][3, 1] == fn(raw)
+    assert group["digest"][3, 1] == xxhash.xxh3_64_intdigest(C.position_header(attrs, 3, "endpoint") + raw)
+    crc = C.digest_fn("zlib.crc32")  # the stdlib alternative: CRC-32 of the same header + bytes
+    assert crc(b"head", raw) == __import__("zlib").crc32(b"head" + raw)
 
 
 def test_create_is_idempotent_and_never_overwrites(tmp_path, index):
@@ -180,10 +193,12 @@ def test_couplings_identical_for_any_sharding_and_ranks(tmp_path, index, which, 
         manifest = CS.merge_shards(paths, tmp_path / name / "manifest.json", index_store=index, progress=False)
         merged[name] = (read_all(tmp_path / name / "manifest.json"), manifest)
         digests[name] = np.concatenate([read_arrays(p)["digest"] for p in paths])
-    # the chunk digests depend only on the chunks: the same for any number of shards or writer ranks
+    # the chunk digests depend on the chunks and their positions (shard of num_shards, chunk index):
+    # the same for any number of writer ranks, other under another sharding
     assert digests["1x1"].shape[1] == 4 and digests["1x1"].all()
     for name, d in digests.items():
-        assert np.array_equal(d, digests["1x1"]), name
+        same_sharding = layouts[name][0] == 1
+        assert np.array_equal(d, digests["1x1"]) == same_sharding, name
     ref, ref_manifest = merged["1x1"]
     np.testing.assert_array_equal(ref["sample_id"], np.arange(60))
     assert np.isfinite(ref["endpoint"]).all() and not np.allclose(ref["endpoint"], 0)
@@ -384,9 +399,8 @@ def test_checksum_changes_when_a_shard_is_modified(tmp_path, index):
     with pytest.raises(C.CorruptChunkError, match=r"shard-00001.zarr: corrupt coupling chunk\(s\) \[0\]"):
         CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
     # a change with a matching digest (as a buggy generator would make) changes only the tree checksum
-    lo = 0
-    data = {n: group[n][lo : lo + 4] for n in C.DATA_ARRAYS}
-    group["digest"][0] = C.chunk_digest(data)
+    data = {n: group[n][0:4] for n in C.DATA_ARRAYS}
+    group["digest"][0] = C.chunk_digest(data, dict(group.attrs), 0)
     after = CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
     changed = [a["checksum"] != b["checksum"] for a, b in zip(before["shards"], after["shards"])]
     assert changed == [False, True, False]
@@ -395,7 +409,7 @@ def test_checksum_changes_when_a_shard_is_modified(tmp_path, index):
 def _redigest(group, i: int) -> None:
     """Record chunk i's current data as its digest: a change the digests cannot see (a wrong write)."""
     data = {n: group[n][4 * i : 4 * i + 4] for n in C.DATA_ARRAYS}
-    group["digest"][i] = C.chunk_digest(data)
+    group["digest"][i] = C.chunk_digest(data, dict(group.attrs), i)
 
 
 def test_verify_detects_tampered_labels_and_noise(tmp_path, index):
@@ -414,6 +428,64 @@ def test_verify_detects_tampered_labels_and_noise(tmp_path, index):
     _redigest(group, 0)
     with pytest.raises(C.CouplingStoreError, match="labels changed"):
         C.verify_shard(path)
+
+
+def test_check_noise_on_a_shard_that_does_not_start_at_sample_zero(tmp_path, index):
+    """The noise of chunk i is regenerated from its global sample ids (range[0] + local offset)."""
+    paths = make_shards(tmp_path, index, 3)
+    report = C.verify_shard(paths[1], index_store=index, check_noise=True)
+    assert report["range"] == [20, 40] and report["count"] == 20
+    group = zarr.open_group(str(paths[1]), mode="r+")
+    noise = group["noise"][4:8]  # chunk 1: sample ids 24..27
+    group["noise"][4:8] = C.chunk_noise(7, np.arange(4, 8), (2, 4, 4), "float16")  # the local ids' noise
+    _redigest(group, 1)
+    with pytest.raises(C.CouplingStoreError, match="chunk 1: stored noise differs from the noise of its sample ids"):
+        C.verify_shard(paths[1], check_noise=True)
+    group["noise"][4:8] = noise
+    _redigest(group, 1)
+    C.verify_shard(paths[1], check_noise=True)
+
+
+def test_a_shard_whose_last_chunk_is_partial(tmp_path):
+    """62 couplings in chunks of 4, 2 shards: shard 1 holds ids 32..61, its chunk 7 only 60 and 61."""
+    R.build_index(tmp_path / "index.zarr", mode="random", num_samples=62, num_classes=4, seed=0)
+    index = tmp_path / "index.zarr"
+    paths = make_shards(tmp_path, index, 2)
+    report = C.verify_shard(paths[1], index_store=index, check_noise=True)
+    assert (report["range"], report["count"], report["num_chunks"]) == ([32, 62], 30, 8)
+    assert sum(report["class_counts"]) == 30
+    assert C.chunk_position(C.read_shard_attrs(paths[1]), 7)["sample_ids"] == [60, 62]
+    CS.merge_shards(paths, tmp_path / "m.json", index_store=index, progress=False)
+    reader = CS.open_couplings(tmp_path / "m.json")
+    last = reader.chunks[-1]
+    assert (len(reader), last.shard, last.chunk, last.lo, last.hi, last.start, last.stop) == (16, 1, 7, 28, 30, 60, 62)
+    chunk = reader.read_chunk(len(reader) - 1)
+    assert chunk["sample_id"].tolist() == [60, 61] and chunk["noise"].shape == (2, 2, 4, 4)
+    assert reader.total == 62 and sum(ref.stop - ref.start for ref in reader.chunks) == 62
+    # a full chunk replayed over the partial one (Zarr stores edge chunks whole) is refused
+    for name in ("noise", "endpoint", "label", "sample_id", "digest"):
+        chunk_path(paths[1], name, 7).write_bytes(chunk_path(paths[1], name, 0).read_bytes())
+    with pytest.raises(C.CorruptChunkError, match=r"chunk 7: sample_id holds sample ids 32..33 \(those of chunk 0\) "
+                                                  r"where the reflow index assigns 60..61"):
+        CS.open_couplings(tmp_path / "m.json").read_chunk(len(reader) - 1)
+
+
+@pytest.mark.parametrize("num_shards, refused", [(8, False), (9, True)])
+def test_random_mode_refuses_more_shards_than_chunks(num_shards, refused):
+    """60 couplings in chunks of 8 are 8 chunks: 8 shards fit, chunks + 1 are refused at validation,
+    naming the key (before any job runs; `shard_range` would refuse it too)."""
+    from remeanflow.settings import CouplingSettings
+
+    kw = dict(index_mode="random", num_samples=60, batch=8, num_shards=num_shards)
+    if not refused:
+        CouplingSettings(**kw)
+        assert C.shard_range(60, num_shards - 1, num_shards, 8) == (56, 60)
+        return
+    with pytest.raises(ValueError, match=r"couplings.num_shards = 9: more shards than the 8 generation chunks of 8 "
+                                         r"\(60 couplings\)"):
+        CouplingSettings(**kw)
+    with pytest.raises(ValueError, match="every shard needs at least one chunk"):
+        C.shard_range(60, 0, num_shards, 8)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -511,18 +583,22 @@ def test_unreadable_and_several_bad_chunks_are_all_listed(merged, index):
     assert "label" in err.value.problems[4]
 
 
-def test_store_without_digests_is_refused_with_a_clear_error(merged, index):
+@pytest.mark.parametrize("fmt, why", [("remeanflow.couplings.shard/1", "written before chunk digests"),
+                                      ("remeanflow.couplings.shard/2", "written with position-free chunk digests")])
+def test_store_in_an_older_format_is_refused_with_a_clear_error(merged, index, fmt, why):
     paths, manifest = merged
-    # a store as written before chunk digests: format /1, no digest array, no digest attribute
     group = zarr.open_group(str(paths[0]), mode="r+")
     attrs = dict(group.attrs)
-    del attrs["digest"]
-    group.attrs.put({**attrs, "format": "remeanflow.couplings.shard/1"})
-    shutil.rmtree(paths[0] / "digest")
+    if fmt.endswith("/1"):  # as written before chunk digests: no digest array, no digest attribute
+        del attrs["digest"]
+        shutil.rmtree(paths[0] / "digest")
+    else:  # as written before the digests bound the chunk's position
+        attrs["digest"] = dict(attrs["digest"], of="little-endian bytes of chunk i")
+    group.attrs.put({**attrs, "format": fmt})
     for call in (lambda: CS.open_couplings(manifest), lambda: C.verify_shard(paths[0]),
                  lambda: CS.merge_shards(paths, manifest, index_store=index, progress=False),
                  lambda: C.create_shard_store(paths[0], index_store=index, shard=0, num_shards=3, **SHARD_KW)):
-        with pytest.raises(C.PreDigestShardError, match=rf"{paths[0]}: .*written before chunk digests.*Delete {paths[0]}"):
+        with pytest.raises(C.OutdatedShardError, match=rf"{paths[0]}: .*{why}.*cannot be verified.*Delete {paths[0]}"):
             call()
 
 
@@ -534,7 +610,7 @@ def test_advice_names_the_workflow_commands():
     assert advice.startswith(f"{shard}: corrupt coupling chunk(s) [2] (1 total): chunk 2: endpoint changed. ")
     assert f"rerun the workflow with `--forcerun {shard}`" in advice
     assert f"first move {shard} to results/toy/reflow/work/shard-00003.zarr" in advice
-    assert f"`--forcerun {shard}`" in str(C.PreDigestShardError(shard, "remeanflow.couplings.shard/1"))
+    assert f"`--forcerun {shard}`" in str(C.OutdatedShardError(shard, "remeanflow.couplings.shard/2"))
 
 
 def test_unmark_corrupt_chunks_regenerates_only_the_bad_ones(tmp_path, index):
@@ -579,8 +655,11 @@ def test_digest_algorithm_is_recorded_and_checked(tmp_path, index):
                                  **SHARD_KW)
         assert not (tmp_path / "x.zarr").exists()
         return
-    (path,) = make_shards(tmp_path, index, 1, digest="xxh3_64")
-    assert read_arrays(path)["digest"][0, 0] == xxhash.xxh3_64_intdigest(read_arrays(path)["noise"][:4].tobytes())
+    (path,) = make_shards(tmp_path, index, 1, digest="zlib.crc32")  # the non-default algorithm
+    attrs = C.read_shard_attrs(path)
+    assert attrs["digest"]["algorithm"] == "zlib.crc32"
+    assert read_arrays(path)["digest"][0, 0] == __import__("zlib").crc32(
+        C.position_header(attrs, 0, "noise") + read_arrays(path)["noise"][:4].tobytes())
     flip_bytes(chunk_path(path, "noise", 2))
     with pytest.raises(C.CorruptChunkError, match="chunk 2: noise"):
         C.verify_shard(path)

@@ -123,6 +123,28 @@ def test_two_ranks_partition_the_kept_samples_each_epoch(sets, which):
         assert not set(np.concatenate(seen)) & (all_ids - set(expected.tolist())), "a dropped sample appeared"
 
 
+@pytest.mark.parametrize("world, window_chunks, windows", [(1, 5, 3), (2, 4, 2)])
+def test_an_epoch_whose_chunk_count_window_chunks_does_not_divide(sets, world, window_chunks, windows):
+    """12 chunks: one rank in windows of 5 (5, 5, 2 chunks), or 6 chunks per rank in windows of 4
+    (4, 2): the short last window ends the epoch, and every kept coupling is drawn exactly once."""
+    assert (N // CHUNK // world) % window_chunks != 0
+    expected = np.sort(kept_ids(sets["normal"]))
+    for epoch in range(2):
+        seen = []
+        for rank in range(world):
+            stream = CouplingStream(sets["normal"], batch_size=1, rank=rank, world_size=world, seed=4,
+                                    window_chunks=window_chunks)
+            assert stream.num_windows(epoch) == windows
+            skip = sum(samples_per_epoch(stream, e) for e in range(epoch))
+            n = samples_per_epoch(stream, epoch)
+            seen.append(np.concatenate(take_ids(stream, skip + n))[skip:])
+            state = stream.state_dict()
+            assert (state["epoch"], state["window"], state["offset"]) == (epoch + 1, 0, 0)
+        ids = np.concatenate(seen)
+        assert len(set(ids.tolist())) == len(ids), "a coupling drawn twice in one epoch"
+        np.testing.assert_array_equal(np.sort(ids), expected)
+
+
 def test_heavy_truncation_never_yields_dropped_samples(sets):
     kept = set(kept_ids(sets["heavy"]).tolist())
     assert len(kept) < 0.4 * N
@@ -355,7 +377,8 @@ def test_stream_batches_do_not_depend_on_verification(sets):
 
 
 def test_stream_benchmark_runs_and_reports_both_modes(tmp_path):
-    """benchmarks/coupling_stream.py in its smallest configuration (no timing is asserted)."""
+    """benchmarks/coupling_stream.py in its smallest configuration (no timing is asserted): the three
+    modes (position-bound digests, bytes-only digests as before, no verification)."""
     import json
 
     from conftest import load_benchmark
@@ -367,6 +390,12 @@ def test_stream_benchmark_runs_and_reports_both_modes(tmp_path):
                        "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["format"] == "remeanflow.coupling-stream-bench/1"
-    assert set(result["modes"]) == {"on", "off"} and set(result["overhead_percent"]) == {"cpu", "user", "wall"}
+    assert set(result["modes"]) == {"on", "bytes", "off"} and set(result["overhead_percent"]) == {"cpu", "user", "wall"}
+    assert set(result["bytes_overhead_percent"]) == {"cpu", "user", "wall"}
+    assert {"added_cpu_percent", "added_cpu_percent_bytes", "added_cpu_percent_by_position"} <= result.keys()
+    assert result["position_us_per_chunk"] > 0 and result["position_percent_of_stream_cpu"] > 0
+    from remeanflow import couplings
+
+    assert couplings.position_header.__name__ == "position_header", "the bytes-only mode's patch was undone"
     assert all(m["wall"]["best_samples_per_s"] > 0 for m in result["modes"].values())
     assert not list(tmp_path.glob("coupling-stream-*")), "the store is made in a temporary folder and removed"
