@@ -379,15 +379,16 @@ def train_meanflow(
 
     work_dir holds `ckpt-<step>.pt` every `checkpoint_every` steps and at the end (the newest
     `keep_checkpoints` are kept) and a live `metrics.csv` (`train_state`). On start the newest
-    loadable checkpoint is resumed if its configuration hash equals this run's; otherwise a
-    ValueError names the differing settings (on_stale_work_dir="refuse", the default for library
-    use) or the stale work_dir is moved to `<work_dir>.stale-<hash>` and training starts fresh
-    ("archive", what the workflow passes: Snakemake reruns a job only when its inputs or
-    parameters changed). The hash covers everything that shapes the trajectory: `hyperparameters`,
-    window_chunks, resolved mixed precision, the init file's sha256 and the coupling set
-    (fingerprint/index hash, count, truncation threshold) -- not `iterations` (a finished run can
-    be extended), checkpointing, snapshots, progress, the testing hook, nor the number of processes
-    (a checkpoint resumes under another one; module docstring). With `snapshot_every` N the EMA net
+    checkpoint that loads and matches its content digest is resumed if its configuration hash
+    equals this run's; otherwise a ValueError names the differing settings
+    (on_stale_work_dir="refuse", the default for library use) or the stale work_dir is moved to
+    `<work_dir>.stale-<hash>` and training starts fresh ("archive", what the workflow passes:
+    Snakemake reruns a job only when its inputs or parameters changed). The hash covers
+    everything that shapes the trajectory: `hyperparameters`, window_chunks, resolved mixed
+    precision, the init file's sha256 and the coupling set (fingerprint/index hash, count,
+    truncation threshold) -- not `iterations` (a finished run can be extended), checkpointing,
+    snapshots, progress, the testing hook, nor the number of processes (a checkpoint resumes
+    under another one; module docstring). With `snapshot_every` N the EMA net
     of every step divisible by N goes to `train_state.snapshot_path(work_dir, step)`, never pruned.
 
     Outputs, written only after the last step, atomically, by the main process: out_dir/
@@ -520,7 +521,8 @@ def train_meanflow(
 if __name__ == "__main__":  # one rank of `launch.launch_module("remeanflow.train", spec, N)`
     import sys
 
-    from .launch import read_spec
+    from .launch import end_rank, read_spec
 
     spec = read_spec(sys.argv)
-    train_meanflow(build(TrainSettings, spec.pop("settings")), **spec)
+    train_meanflow(build(TrainSettings, spec.pop("settings")), **spec)  # ends in a barrier after the outputs
+    end_rank()

@@ -9,7 +9,9 @@ Checkpoints. work_dir holds `ckpt-<step>.pt` (CHECKPOINT_FORMAT: weights, EMA, o
 every process's coupling-stream position, the metrics rows so far, the configuration and its
 hash), of which the newest `keep` are kept. Every random draw of a step is keyed by (seed, step,
 rank) and the data order is the stream position, so this is all a resume needs
-(`find_resume_checkpoint`, `check_resumable`). A checkpoint made with other settings is refused
+(`find_resume_checkpoint`, `check_resumable`); a checkpoint that does not load or does not match
+its content digest (`checkpoints.verify_content`) is skipped with a warning for the newest one
+that does. A checkpoint made with other settings is refused
 with the differing settings named (`config_diff`), or its work_dir moved aside
 (`archive_stale_work_dir`). The layout (number of processes) is not part of that comparison: a
 checkpoint resumes under another one (`loader.open_stream`).
@@ -21,7 +23,9 @@ pruned), so that intermediate points of a run can be evaluated later.
 Outputs (`write_outputs`): out_dir/train_state.pt (TRAIN_STATE_FORMAT, the stage-2 init, with
 the optimiser state since stage 2 can carry it; older files without it load all the same),
 net_ema.pt (`save_net` format) and metrics.csv (METRICS_COLUMNS; a live copy in work_dir is
-`Metrics`). Only the main process writes files (`_require_main`).
+`Metrics`). Only the main process writes files (`_require_main`). Every .pt file is written by
+`checkpoints.atomic_torch_save`: canonical, so that a resumed run writes the same bytes as an
+uninterrupted one, and with a content digest that every load checks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import dataclasses
 import logging
 import re
 import shutil
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +63,8 @@ SNAPSHOT_DIR = "snapshots"
 # a checkpoint made under another layout may resume (module docstring). Older checkpoints kept
 # the number of processes inside their configuration.
 _LAYOUT_CONFIG_KEYS = ("num_processes",)
+REDO_STAGE1 = ("Delete it and rerun stage 1 (snakemake --forcerun train_stage1; it resumes from its newest "
+               "verified checkpoint).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,10 +91,11 @@ def load_start(init, stage: int) -> Start:
         loaded = checkpoints.load_net(init)
         net, encoder = loaded["net"], loaded["encoder"]
         return Start(net=net, ema=copy.deepcopy(net), encoder=encoder, source="net")
-    obj = torch.load(init, map_location="cpu", weights_only=True)
+    obj = checkpoints.torch_load(init)
     if not isinstance(obj, dict) or obj.get("format") != TRAIN_STATE_FORMAT:
         raise ValueError(f"{init}: not a Re-MeanFlow train_state.pt (format {TRAIN_STATE_FORMAT!r} expected); "
                          "stage 2 starts from stage 1's out_dir/train_state.pt")
+    checkpoints.verify_content(init, obj, REDO_STAGE1)
     net, ema = (_net_from_state(init, obj["init_kwargs"], obj[key], key) for key in ("model", "ema"))
     return Start(net=net, ema=ema, encoder=obj["encoder"], source="train_state", optimizer=obj.get("optimizer"))
 
@@ -165,17 +171,30 @@ def remove_stale_temporaries(work_dir: Path) -> None:
 
 
 def _newest_checkpoint(work_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
-    """The newest checkpoint that loads, and its content; unreadable ones are skipped with a warning."""
+    """The newest checkpoint that loads and matches its content digest, and its content;
+    unreadable, damaged and unverifiable ones are skipped with a warning in the log (the rule's
+    log file, where a user looks; an older one will do)."""
     for _, path in _checkpoint_paths(work_dir):
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = checkpoints.torch_load(path)
         except Exception as e:  # a damaged file raises many types; an older checkpoint will do
-            warnings.warn(f"{path}: unreadable checkpoint skipped ({type(e).__name__}: {e})")
+            log.warning("%s: unreadable checkpoint skipped (%s: %s)", path, type(e).__name__, e)
             continue
-        if isinstance(obj, dict) and obj.get("format") == CHECKPOINT_FORMAT:
-            return path, obj
-        warnings.warn(f"{path}: not a training checkpoint (format {CHECKPOINT_FORMAT!r} expected); skipped")
+        if not isinstance(obj, dict) or obj.get("format") != CHECKPOINT_FORMAT:
+            log.warning("%s: not a training checkpoint (format %r expected); skipped", path, CHECKPOINT_FORMAT)
+            continue
+        try:
+            return path, checkpoints.verify_content(path, obj, "Skipped: resuming from an older verified checkpoint, "
+                                                    "or from the start if there is none.")
+        except checkpoints.ContentDigestError as e:
+            log.warning("%s", e)
     return None, None
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint the main process picked, verified again by this process (it reads its own copy)."""
+    return checkpoints.verify_content(path, checkpoints.torch_load(path), "Delete it and rerun to resume from an "
+                                      "older checkpoint.")
 
 
 def find_resume_checkpoint(accelerator: Accelerator, work_dir: Path) -> tuple[Path | None, dict[str, Any] | None]:
@@ -185,7 +204,7 @@ def find_resume_checkpoint(accelerator: Accelerator, work_dir: Path) -> tuple[Pa
     if picked is None:
         return None, None
     if obj is None:
-        obj = torch.load(picked, map_location="cpu", weights_only=True)
+        obj = _load_checkpoint(Path(picked))
     return Path(picked), obj
 
 

@@ -399,9 +399,9 @@ def test_stage2_carries_stage1_adam_state_under_its_own_hyperparameters(data, st
 
     # a stage-1 train_state.pt written before it kept the optimiser: a clear error naming the key
     old = load_state(init)
-    del old["optimizer"]
+    del old["optimizer"], old[checkpoints.CONTENT_KEY]
     old_init = tmp_path / "old_train_state.pt"
-    torch.save(old, old_init)
+    checkpoints.atomic_torch_save(old, old_init)  # a valid file (digest included) of that older layout
     with pytest.raises(ValueError, match=r"config key train.carry_optimizer is true but .*old_train_state.pt holds "
                                          r"no optimiser state"):
         run_meanflow(**dict(kw, init=old_init, out_dir=tmp_path / "old" / "out", work_dir=tmp_path / "old" / "work"))
