@@ -9,7 +9,8 @@
     FLOPs per sample (torch's FLOP counter on one forward of each net, times the evaluations) and
     the fraction of the chip's dense bf16 peak.
 (b) Training step, stage 1 and stage 2, batch 16 and 64: time and peak memory
-    (torch.cuda.max_memory_allocated over the timed steps). Reference: `jvp="autograd"` (the
+    (torch.cuda.max_memory_allocated over the timed steps), with the step-cost model's prediction
+    beside it (`predicted`: `remeanflow.step_cost` on fake tensors). Reference: `jvp="autograd"` (the
     official double-backward trick), eager, bf16 autocast, NCHW, foreach Adam. Fast: the net's
     own tangent pass (`jvp="tangent"`; `--fast-jvp forward` for torch.func.jvp), bf16 autocast,
     channels_last, the loss compiled as one graph (`train_loss.meanflow_loss_fn`), fused Adam.
@@ -56,22 +57,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import make_batch, nonzero_gains_
 
-from remeanflow import accel, coupling_job, meanflow, misc, networks, sampling, train, train_loss
+from remeanflow import accel, coupling_job, gpu_specs, meanflow, misc, networks, sampling, step_cost, train, train_loss
 from remeanflow.settings import CouplingSettings
 from remeanflow.fileio import atomic_path
 
 FORMAT = "remeanflow.gpu-bench/1"
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s from NVIDIA's data sheets, matched in this
-# order against torch.cuda.get_device_name(). benchmarks/README.md's H200 figure (~790) came from a
-# different source; pass --peak-tflops to use another value.
-PEAK_BF16_TFLOPS = (
-    ("H200 NVL", 835.0),
-    ("H200", 989.0),
-    ("H100 NVL", 835.0),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.0),
-    ("A100", 312.0),
-)
+# Dense (no sparsity) bf16 tensor-core peaks by device name: remeanflow/gpu_specs.py (its sources;
+# benchmarks/README.md's H200 figure, ~790, came from a different one). --peak-tflops overrides.
+PEAK_BF16_TFLOPS = gpu_specs.PEAK_BF16_TFLOPS
 TARGET_SAMPLES_PER_S_H200 = 29.0  # 2x the paper's code (14.4 samples/s, benchmarks/README.md)
 TARGET_STAGE1_B64_S = 0.35
 TARGET_MEMORY_RATIO = 0.6
@@ -94,9 +87,9 @@ def peak_tflops(device_name: str, override: float | None) -> tuple[float | None,
         if not override > 0:
             raise ValueError(f"--peak-tflops must be > 0, got {override}")
         return override, "--peak-tflops"
-    for key, value in PEAK_BF16_TFLOPS:
-        if key.lower() in device_name.lower():
-            return value, f"default for {key!r} (dense bf16 data-sheet value)"
+    found = gpu_specs.peak_bf16_tflops(device_name)
+    if found is not None:
+        return found[1], f"default for {found[0]!r} (dense bf16 data-sheet value, remeanflow/gpu_specs.py)"
     return None, f"unknown for {device_name!r}: pass --peak-tflops"
 
 
@@ -303,6 +296,20 @@ def train_path(fast: bool, args: argparse.Namespace, init_state: dict, inputs: d
                 median_s=statistics.median(times), peak_gib=peak_gib(device))
 
 
+def predicted_peak(preset: str, batch: int, jvp: str, precision: str, stage: int) -> dict:
+    """The step-cost model's peak (`remeanflow.step_cost`: fake tensors, on the CPU) of the project's
+    own step at the same net, batch, JVP mode and precision, recorded beside the measured peak.
+
+    It models `train.queue_step` (with its EMA copy, ~4 bytes per parameter, and foreach Adam),
+    not this benchmark's bare loop: expect it above the measured peak by about the EMA's size."""
+    if precision not in step_cost.PRECISIONS:
+        return dict(skipped=f"precision {precision} is not modelled ({sorted(step_cost.PRECISIONS)})")
+    with torch.random.fork_rng():  # the model seeds its own draws: the benchmark's stay as they were
+        cost = step_cost.measure_step(preset, batch, jvp=jvp, precision=precision, stage=stage)
+    return dict(peak_gib=cost.peak_cuda_bytes / 2**30, flops=cost.flops, jvp=jvp, precision=precision,
+                by_category_gib={k: v / 2**30 for k, v in cost.by_category.items()}, seconds=cost.seconds)
+
+
 def guarded(run: Callable[[], dict], what: str) -> dict:
     """Run one path; an out-of-memory error becomes a result (the other path still runs)."""
     try:
@@ -327,11 +334,17 @@ def train_part(args: argparse.Namespace, device: torch.device) -> tuple[list[dic
             ref, fast = (guarded(functools.partial(train_path, is_fast, args, init_state, inputs, guidance, stage,
                                                    device), name)
                          for is_fast, name in ((False, "reference"), (True, "fast")))
+            if args.predict_memory:
+                for run, jvp, precision in ((ref, "autograd", args.train_reference_precision),
+                                            (fast, args.fast_jvp, args.fast_precision)):
+                    run["predicted"] = predicted_peak(args.train_preset, batch, jvp, precision, stage)
             entry = dict(stage=stage, batch=batch, w_pi=guidance["w_pi"], reference=ref, fast=fast)
             for name, run in (("reference", ref), ("fast", fast)):
                 if not run.get("oom"):
+                    predicted = (run.get("predicted") or {}).get("peak_gib")
                     print(f"  {name:10s} {run['median_s']:.4f} s/step"
                           + (f", peak {run['peak_gib']:.2f} GiB" if run["peak_gib"] is not None else "")
+                          + (f" (predicted {predicted:.2f} GiB)" if predicted is not None else "")
                           + f", first step {run['first_step_s']:.1f} s, loss {run['first_loss']:.6f}")
             if ref.get("oom") or fast.get("oom"):
                 entry["speedup"] = entry["memory_ratio"] = None
@@ -416,6 +429,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-sdpa", dest="sdpa", action="store_false", help="sampler: keep EDM2's einsum attention")
     parser.add_argument("--cuda-graphs", dest="cuda_graphs", choices=["off", "on", "both"], default="both",
                         help="fast sampler without/with CUDA graph replay, or both (default)")
+    parser.add_argument("--predict-memory", dest="predict_memory", action=argparse.BooleanOptionalAction,
+                        default=False, help="record the step-cost model's predicted peak beside each measured one "
+                        "(fake steps on the CPU: ~1 min per EDM2-S step, 8 in a full run). Off by default: the GPU "
+                        "check's device time cannot afford it, and the same predictions do not need the device "
+                        "(benchmarks/step_memory.py, results/step-memory-cpu.json)")
     parser.add_argument("--peak-tflops", dest="peak_tflops", type=float, default=None,
                         help="dense bf16 peak of the chip (default: by device name)")
     parser.add_argument("--sampler-rtol", dest="sampler_rtol", type=float, default=0.05)

@@ -15,6 +15,13 @@ quoted in benchmarks/README.md, and the output says which. The figures are resca
 * training: the step time at the per-process batch (measured, or linear between the measured
   batches), scaled by forward FLOPs when the run trains another net, times iterations x processes.
 
+Asked with `--gpu-mem 80GiB` (or `resources.train.gpu_mem_gb`), or `--memory` without a card, each
+training stage also gets its predicted per-GPU peak and FLOPs per step (`step_cost`: the project's own
+step on fake tensors, for the configured `train.jvp` and the other end of the memory range), the
+largest per-GPU batch that fits the card, and a roofline lower bound on the step time (FLOPs over the
+card's dense bf16 peak, `gpu_specs`) beside the figures' seconds. The fake steps take about a minute
+each for EDM2-S on a CPU, so they run only when asked, and are cached (`cached_step_cost`).
+
 Disk is the uncompressed size of each array (Zarr compresses, so stores end up smaller) and 4
 bytes per parameter for fp32 nets. Stages without a measured figure (preprocessing, teacher
 training, the time-embedding fit, Inception features, VAE decoding) have no GPU-hours: the plan
@@ -25,6 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
+import importlib.metadata
 import json
 import math
 import re
@@ -32,7 +41,9 @@ import sys
 from pathlib import Path
 
 from . import config as rmf_config
-from . import misc, settings
+from . import gpu_specs, misc, provenance, settings
+from .fileio import atomic_path
+from .preflight import train_processes
 
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "remeanflow.plan/1"
@@ -57,6 +68,9 @@ OFFICIAL_TRAIN_NET = "edm2-img512-s"
 OFFICIAL_STEP_S = {1: {16: 0.713, 64: 1.046}, 2: {16: 0.796, 64: 1.194}}
 # peak memory of those stage-1 steps (23.0 / 75.5 GiB); stage 2's was not recorded
 OFFICIAL_PEAK_GIB = {1: {16: 23.0, 64: 75.5}, 2: {}}
+
+# Card of the official figures: the roofline beside them is for that card unless --gpu-model says otherwise.
+OFFICIAL_DEVICE = "NVIDIA H200"
 
 _EDM2_NAME = re.compile(r"edm2-(img512|img64)-(xxl|xl|xs|s|m|l)-")
 
@@ -139,6 +153,7 @@ class Figures:
     train_run: str
     step_s: dict  # {stage: {batch: seconds}}
     peak_gib: dict  # {stage: {batch: GiB}}
+    device: str = OFFICIAL_DEVICE  # the card that measured them (torch.cuda.get_device_name)
 
     @property
     def coupling_flops_per_s(self) -> float:
@@ -146,7 +161,7 @@ class Figures:
         return self.coupling_samples_per_s * misc.heun_nfe(self.coupling_heun_steps) * (main + guide)
 
     def describe(self) -> dict:
-        return dict(source=self.source, measured=self.measured,
+        return dict(source=self.source, measured=self.measured, device=self.device,
                     coupling=dict(samples_per_s=self.coupling_samples_per_s, nets=list(self.coupling_nets),
                                   heun_steps=self.coupling_heun_steps, run=self.coupling_run,
                                   flops_per_s=self.coupling_flops_per_s),
@@ -211,7 +226,7 @@ def bench_figures(path: str | Path, s: settings.Settings) -> Figures:
                    coupling_samples_per_s=_positive(report, f"sampler.runs.{sampler_run}.samples_per_s", file),
                    coupling_nets=nets, coupling_heun_steps=int(_positive(report, "sampler.heun_steps", file)),
                    coupling_run=sampler_run, train_net=_key(report, "settings.train_preset", file),
-                   train_run=train_run, step_s=step_s, peak_gib=peak)
+                   train_run=train_run, step_s=step_s, peak_gib=peak, device=device)
 
 
 def _sampler_run(report: dict, file: Path, fast_path: bool) -> str:
@@ -272,6 +287,138 @@ def step_time(measured: dict[int, float], batch: int) -> tuple[float, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Per-GPU memory and FLOPs of a training step, predicted on fake tensors (`step_cost`) when asked:
+# a fake EDM2-S step takes about a minute on a CPU, so plain `plan` and plain dry runs never pay it,
+# and every answer is kept on disk under the working directory for the next dry run.
+
+STEP_COST_CACHE = Path(".snakemake") / "remeanflow-step-cost"  # relative: the working directory's
+STEP_COST_FORMAT = "remeanflow.step-cost-cache/1"
+# The mode whose figure is shown beside the configured one: the official double backward against
+# the project's default, the two ends of the memory range (benchmarks/README.md's table).
+OTHER_JVP = {"tangent": "autograd", "forward": "autograd", "forward-fused": "autograd", "autograd": "tangent"}
+# Train settings that never change a step's memory or FLOPs: measure_step replaces the first three,
+# the rest are bookkeeping (rules=()); leaving them out of the cache key keeps their edits free.
+_STEP_FREE_TRAIN_KEYS = ("batch_size", "jvp", "compile", "trackers", "checkpoint_every", "snapshot_every",
+                         "processes")
+GIB = 2 ** 30
+_GPU_MEM = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(gib|gb)?\s*$", re.IGNORECASE)
+
+
+def parse_gpu_mem(text: str) -> int:
+    """Bytes of "80GiB" (2**30 each), "80GB" or a plain "80" (decimal GB, like resources.*.gpu_mem_gb)."""
+    match = _GPU_MEM.match(str(text))
+    if match is None or not float(match[1]) > 0:
+        raise PlanError(f"--gpu-mem {text!r}: expected a positive size such as 80GiB, 80GB or 80 (GB)")
+    return int(float(match[1]) * (GIB if (match[2] or "").lower() == "gib" else 1e9))
+
+
+def step_precision(s: settings.Settings) -> str:
+    """The training job's autocast: make_accelerator("auto") runs bf16 on CUDA, fp32 on the CPU."""
+    return "bf16" if s.resources_of("train").gpu > 0 else "fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _step_code_hash() -> str:
+    """Code version of the prediction: step_cost.py and every project module it runs (its import
+    closure), less the settings modules, whose values enter the key themselves."""
+    script = provenance.PACKAGE_DIR / "step_cost.py"
+    files = [f for f in provenance.import_closure(script)
+             if f.relative_to(provenance.PACKAGE_DIR).as_posix() not in provenance.NOT_CODE_VERSION]
+    return provenance.code_hash([script, *files])
+
+
+def step_cost_key(kind: str, s: settings.Settings, stage: int, jvp: str, batch: int, **extra) -> dict:
+    """Everything a cached prediction depends on (see `cached_step_cost`)."""
+    train = {k: v for k, v in dataclasses.asdict(s.train).items() if k not in _STEP_FREE_TRAIN_KEYS}
+    return dict(format=STEP_COST_FORMAT, kind=kind, net=teacher_nets(s)[0], batch=batch, jvp=jvp,
+                precision=step_precision(s), stage=stage, train=train,
+                torch=importlib.metadata.version("torch"), code=_step_code_hash(), **extra)
+
+
+def cached_step_cost(key: dict, compute, cache_dir: str | Path | None = None) -> dict:
+    """`compute()` (a JSON-able dict) for `key`, read from `cache_dir` (default STEP_COST_CACHE) when
+    an earlier call stored it; a file that cannot be read is computed again and replaced."""
+    text = json.dumps(key, sort_keys=True, default=list)
+    path = Path(cache_dir or STEP_COST_CACHE) / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.json"
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("key") == json.loads(text):
+            return stored["value"]
+    except (OSError, ValueError, AttributeError):
+        pass  # absent or damaged: compute it again
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(json.dumps(dict(key=json.loads(text), value=value), indent=1))
+    return value
+
+
+def step_memory(s: settings.Settings, stage: int, jvp: str, budget: int | None = None,
+                cache_dir: str | Path | None = None) -> dict:
+    """Predicted per-GPU peak (CUDA-rounded bytes) and FLOPs of one training step of config `s` at
+    its per-GPU batch; with a budget, also the largest per-GPU batch whose peak fits it.
+
+    With a budget, `step_cost.largest_batch` probes the configured batch b and 2b first, so the
+    peak at b is read off its line exactly (the line goes through its first probe) and its FLOPs
+    (proportional to the batch) from its confirming run: one search answers both questions.
+    """
+    batch = s.train.batch_size // train_processes(s)
+    if batch < 1:
+        raise PlanError(f"train.batch_size {s.train.batch_size} is smaller than the {train_processes(s)} training "
+                        "processes: no per-GPU batch to predict")
+    key = step_cost_key("fit" if budget else "step", s, stage, jvp, batch,
+                        **({"budget_bytes": budget} if budget else {}))
+    compute = functools.partial(_fit if budget else _step, teacher_nets(s)[0], batch, jvp, step_precision(s),
+                                stage, s.train, budget)
+    return dict(stage=stage, jvp=jvp, batch=batch, precision=step_precision(s), budget_bytes=budget,
+                **cached_step_cost(key, compute, cache_dir))
+
+
+def _step(net: str, batch: int, jvp: str, precision: str, stage: int, train, budget: None) -> dict:
+    from . import step_cost
+
+    cost = step_cost.measure_step(net, batch, jvp=jvp, precision=precision, stage=stage, settings=train)
+    return dict(peak_bytes=cost.peak_cuda_bytes, flops=cost.flops, by_category=cost.by_category, runs=1)
+
+
+def _fit(net: str, batch: int, jvp: str, precision: str, stage: int, train, budget: int) -> dict:
+    from . import step_cost
+
+    fit = step_cost.largest_batch(net, budget, jvp, precision, stage=stage, settings=train,
+                                  probes=(batch, 2 * batch), exact=False)
+    return dict(peak_bytes=round(fit.fixed_bytes + fit.bytes_per_sample * batch),
+                flops=round(fit.cost.flops * batch / fit.cost.batch), fit_batch=fit.batch,
+                fit_peak_bytes=fit.cost.peak_cuda_bytes if fit.batch else None,
+                fixed_bytes=fit.fixed_bytes, bytes_per_sample=fit.bytes_per_sample, runs=fit.runs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRequest:
+    """What `plan` was asked to predict: a card's memory (None: peaks only) and the roofline's card."""
+
+    gpu_mem_bytes: int | None
+    gpu_model: str  # a gpu_specs name or a torch device name
+    cache_dir: str | Path | None = None
+
+
+def roofline(flops: int, gpu_model: str) -> dict | None:
+    """Lower bound on a step's seconds on `gpu_model`: its FLOPs at the dense bf16 peak."""
+    found = gpu_specs.peak_bf16_tflops(gpu_model)
+    if found is None:
+        return None
+    card, tflops = found
+    return dict(card=card, peak_tflops=tflops, seconds=flops / (tflops * 1e12))
+
+
+def _train_memory(s: settings.Settings, stage: int, request: MemoryRequest) -> dict:
+    modes = {}
+    for jvp in (s.train.jvp, OTHER_JVP[s.train.jvp]):
+        m = step_memory(s, stage, jvp, request.gpu_mem_bytes, request.cache_dir)
+        modes[jvp] = dict(m, roofline=roofline(m["flops"], request.gpu_model))
+    return dict(processes=train_processes(s), configured=s.train.jvp, modes=modes)
+
+
+# ----------------------------------------------------------------------------------------------
 # The plan.
 
 FP32 = 4
@@ -315,7 +462,10 @@ def _sampler_how(fig: Figures, nets: tuple[str, ...], evaluations: int) -> str:
             f"{' + '.join(fig.coupling_nets)} at {misc.heun_nfe(fig.coupling_heun_steps)} NFE")
 
 
-def plan(s: settings.Settings, fig: Figures, configfiles: list[str] | None = None) -> dict:
+def plan(s: settings.Settings, fig: Figures, configfiles: list[str] | None = None,
+         memory: MemoryRequest | None = None) -> dict:
+    """The cost plan; with `memory`, each training stage also carries its predicted per-GPU memory
+    and FLOPs (`train_memory`: fake steps, cached)."""
     main, guide, notes = teacher_nets(s)
     shape = sample_shape(s)
     main_params, guide_params = net_stats(main)[0], net_stats(guide)[0]
@@ -326,7 +476,7 @@ def plan(s: settings.Settings, fig: Figures, configfiles: list[str] | None = Non
     nets = (main, guide) if guided else (main,)
     nfe = misc.heun_nfe(s.couplings.heun_steps)
     ctx = dict(s=s, fig=fig, main=main, shape=shape, elements=elements, images=images, nets=nets, nfe=nfe,
-               main_params=main_params, guide_params=guide_params)
+               main_params=main_params, guide_params=guide_params, memory=memory)
     stages = [
         _preprocess(ctx, images_how),
         _teacher(ctx),
@@ -415,8 +565,7 @@ def _time_embedding(ctx: dict) -> dict:
 def _train(ctx: dict, stage: int) -> dict:
     s, fig, main = ctx["s"], ctx["fig"], ctx["main"]
     t, st = s.train, s.train.stage(stage)
-    per_node = max(t.processes, s.resources_of("train").gpu, 1)  # launch.job_processes without a device cap
-    processes = per_node * s.resources_of("train").nodes
+    processes = train_processes(s)
     per_process = t.batch_size // processes
     seconds, how = step_time(fig.step_s[stage], per_process)
     if main != fig.train_net:  # another net: scale by its forward FLOPs per sample
@@ -437,8 +586,10 @@ def _train(ctx: dict, stage: int) -> dict:
         _artifact(f"train/work/stage{stage}/snapshots/", snapshots * net_b, f"{snapshots} EMA snapshots"),
     ]
     peak = fig.peak_gib[stage].get(per_process)
+    extra = {} if ctx["memory"] is None else dict(train_memory=_train_memory(s, stage, ctx["memory"]))
     return _stage(f"stage {stage}", 1, st.iterations, f"steps at batch {t.batch_size} ({processes} x {per_process})",
-                  hours, how, artifacts, gpu=True, step_s=seconds, processes=processes, peak_gib=peak)
+                  hours, how, artifacts, gpu=True, step_s=seconds, processes=processes, peak_gib=peak,
+                  step_s_run=fig.train_run, **extra)
 
 
 def _heldout(ctx: dict) -> dict:
@@ -505,8 +656,41 @@ def _hours(h: float | None) -> str:
     return "-" if h is None else f"{h:,.1f}" if h >= 10 else f"{h:.3g}"
 
 
+def _gib(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2 ** 20:.1f} MiB"
+
+
+def _memory_lines(st: dict) -> list[str]:
+    """The predicted memory and the roofline of a training stage, under its row."""
+    m, pad = st["train_memory"], " " * 28
+    any_mode = next(iter(m["modes"].values()))
+    lines = [f"{pad}memory per GPU (predicted, {any_mode['precision']}, per-GPU batch {any_mode['batch']} of "
+             f"{m['processes']} processes)" + (f" on a {_gib(any_mode['budget_bytes'])} card:"
+                                               if any_mode["budget_bytes"] else ":")]
+    for jvp, mode in m["modes"].items():
+        line = f"{pad}  jvp {jvp}{' (configured)' if jvp == m['configured'] else ''}: peak {_gib(mode['peak_bytes'])}"
+        if mode["budget_bytes"]:
+            fit = mode["fit_batch"]
+            line += (f"; largest per-GPU batch that fits: {fit} (train.batch_size {fit * m['processes']}, "
+                     f"peak {_gib(mode['fit_peak_bytes'])})" if fit else "; not even per-GPU batch 1 fits")
+        lines.append(line)
+    bounds = [(jvp, mode["flops"], mode["roofline"]) for jvp, mode in m["modes"].items()]
+    if bounds[0][2] is None:
+        lines.append(f"{pad}step time: no roofline (no dense bf16 peak for the card: --gpu-model "
+                     f"{'|'.join(gpu_specs.known())})")
+    else:
+        card = bounds[0][2]
+        lines.append(f"{pad}step time: {st['step_s']:.3g} s ({st['step_s_run']} figure); roofline on {card['card']} "
+                     f"({card['peak_tflops']:g} TFLOP/s dense bf16): "
+                     + ", ".join(f">= {r['seconds']:.3g} s ({jvp}, {f / 1e12:.3g} TFLOP/step)" for jvp, f, r in bounds))
+    return lines
+
+
 def format_text(p: dict) -> str:
     f = p["figures"]
+    memory = any("train_memory" in st for st in p["stages"])
     lines = [f"Cost plan of run {p['run_name']} ({' + '.join(p['config_files'])})",
              f"GPU figures {f['source']}:" if not f["measured"] else f"GPU figures: {f['source']}:",
              f"  couplings: {f['coupling']['samples_per_s']:g} samples/s ({f['coupling']['run']}) of "
@@ -518,12 +702,19 @@ def format_text(p: dict) -> str:
              + (f", guide {p['nets']['guide']} ({p['nets']['guide_params'] / 1e6:.1f}M)" if p["nets"]["guide"] else "")
              + f"; sample {'x'.join(map(str, p['sample_shape']))}; {p['nfe_per_net']} NFE per net per coupling",
              "",
-             f"{'stage':20s} {'jobs':>5s}  {'work':>44s} {'GPU-h':>9s} {'disk':>9s}"]
+             f"{'stage':20s} {'jobs':>5s}  {'work':>44s} {'GPU-h':>9s} {'disk':>9s}"
+             + (f" {'mem/GPU':>10s}" if memory else "")]
     for st in p["stages"]:
         work = f"{st['count']:,} {st['unit']}"
+        mem = ""
+        if memory:
+            m = st.get("train_memory")
+            mem = f" {_gib(m['modes'][m['configured']]['peak_bytes'] if m else None):>10s}"
         lines.append(f"{st['name']:20s} {st['jobs']:5d}  {work[:44]:>44s} {_hours(st['gpu_hours']):>9s} "
-                     f"{human_bytes(st['disk_bytes']):>9s}")
+                     f"{human_bytes(st['disk_bytes']):>9s}{mem}")
         lines.append(f"{'':28s}GPU-h: {st['gpu_hours_how']}")
+        if "train_memory" in st:
+            lines += _memory_lines(st)
         for a in st["artifacts"]:
             lines.append(f"{'':28s}{a['path']}: {human_bytes(a['bytes'])}" + (f" ({a['note']})" if a["note"] else ""))
     t = p["totals"]
@@ -544,14 +735,35 @@ def add_parser(sub) -> None:
                    "Snakemake's --configfile (repeatable)")
     p.add_argument("--bench", default=None, help="benchmarks/gpu_bench.py --json report with measured figures")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--gpu-mem", default=None, help="memory of one GPU (80GiB, 80GB; plain numbers are GB): per "
+                   "training stage, the predicted per-GPU peak and the largest per-GPU batch that fits, for both "
+                   "train.jvp modes (fake steps on the CPU, about a minute each for EDM2-S, cached under "
+                   f"{STEP_COST_CACHE}/); default: resources.train.gpu_mem_gb")
+    p.add_argument("--memory", action="store_true", help="predict the per-GPU peak and FLOPs without a card's "
+                   "memory (no largest batch)")
+    p.add_argument("--gpu-model", default=None, help="card of the roofline bound on step time "
+                   f"({', '.join(gpu_specs.known())}); default: the card of the speed figures")
     p.set_defaults(func=run)
+
+
+def memory_request(args, s: settings.Settings, fig: Figures) -> MemoryRequest | None:
+    """What the command line (or resources.train.gpu_mem_gb) asks to predict; None: nothing, the
+    plan stays as fast as it is without prediction."""
+    gb = s.resources_of("train").gpu_mem_gb
+    budget = parse_gpu_mem(args.gpu_mem) if args.gpu_mem else int(gb * 1e9) if gb else None
+    if budget is None and not args.memory:
+        return None
+    model = args.gpu_model or fig.device
+    if args.gpu_model and gpu_specs.peak_bf16_tflops(model) is None:
+        raise PlanError(f"--gpu-model {model!r}: no dense bf16 peak known; one of {', '.join(gpu_specs.known())}")
+    return MemoryRequest(gpu_mem_bytes=budget, gpu_model=model)
 
 
 def run(args) -> int:
     try:
         s = load_settings(args.configfile)
         fig = bench_figures(args.bench, s) if args.bench else official_figures()
-        result = plan(s, fig, args.configfile)
+        result = plan(s, fig, args.configfile, memory_request(args, s, fig))
     except (PlanError, rmf_config.ConfigError) as e:
         print(f"remeanflow plan: {e}", file=sys.stderr)
         return 2

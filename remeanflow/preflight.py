@@ -14,7 +14,9 @@ What is checked (docs/architecture.md, "Checks before the run"):
   the decoded samples (`evaluate.ref_stats.on_mismatch`: error or warning);
 * URLs fetched without a sha256 to check them against (warning);
 * training: `train.compile` with several processes (DDP cannot be traced), a global batch that does
-  not split over the processes.
+  not split over the processes; with `resources.train.gpu_mem_gb` set, a step whose predicted
+  per-GPU peak (`plan.step_memory`: fake steps, cached under .snakemake/remeanflow-step-cost/) does
+  not fit that memory.
 """
 
 from __future__ import annotations
@@ -170,9 +172,14 @@ def _check_ref_stats(s: Settings, report: Report) -> None:
         (report.problems if ref.on_mismatch == "error" else report.warnings).append(finding)
 
 
+def train_processes(s: Settings) -> int:
+    """Processes of a training job: launch.job_processes without a device cap, times the nodes."""
+    return max(s.train.processes, s.resources_of("train").gpu, 1) * s.resources_of("train").nodes
+
+
 def _check_training(s: Settings, report: Report) -> None:
     """What the training processes need (the job re-checks against the devices it gets)."""
-    processes = max(s.train.processes, s.resources_of("train").gpu, 1) * s.resources_of("train").nodes
+    processes = train_processes(s)
     if s.train.compile is not None and processes > 1:
         report.problems.append(Finding("train.compile", f"{s.train.compile} with {processes} processes "
                                        "(train.processes / resources.train.gpu): torch.compile cannot trace the "
@@ -183,12 +190,52 @@ def _check_training(s: Settings, report: Report) -> None:
                                        "resources.train.nodes)"))
 
 
-def check(s: Settings, run_dir) -> Report:
-    """Every problem and warning of config `s` for the run folder `run_dir` (see the module doc)."""
+def _check_gpu_memory(s: Settings, report: Report, cache_dir) -> None:
+    """The predicted per-GPU peak of each training stage against resources.train.gpu_mem_gb. Asked
+    for only: the first prediction of an EDM2 net takes minutes on a CPU (then it is cached)."""
+    gb = s.resources_of("train").gpu_mem_gb
+    processes = train_processes(s)
+    if gb is None or s.train.batch_size % processes:
+        return  # no card named, or no per-GPU batch (reported above)
+    from . import plan  # imports torch: only here, when a card is named
+
+    budget = int(gb * 1e9)
+    for stage in (1, 2):
+        mine = plan.step_memory(s, stage, s.train.jvp, budget, cache_dir)
+        if mine["peak_bytes"] <= budget:
+            continue
+        other = plan.step_memory(s, stage, plan.OTHER_JVP[s.train.jvp], budget, cache_dir)
+        report.problems.append(Finding("resources.train.gpu_mem_gb", _memory_message(s, mine, other, gb, processes)))
+
+
+def _memory_message(s: Settings, mine: dict, other: dict, gb: float, processes: int) -> str:
+    gib = 2 ** 30
+    fit = (f"the largest batch that fits is train.batch_size: {mine['fit_batch'] * processes} ({mine['fit_batch']} "
+           f"per GPU x {processes} processes, {mine['fit_peak_bytes'] / gib:.2f} GiB)" if mine["fit_batch"]
+           else "not even a per-GPU batch of 1 fits")
+    if other["peak_bytes"] < mine["peak_bytes"]:
+        up_to = f"fits up to train.batch_size: {other['fit_batch'] * processes}" if other["fit_batch"] else \
+            "fits no batch either"
+        lean = f"train.jvp: {other['jvp']} needs less ({other['peak_bytes'] / gib:.2f} GiB at this batch; {up_to})"
+    else:
+        lean = (f"train.jvp: {other['jvp']} needs more ({other['peak_bytes'] / gib:.2f} GiB), no mode measured "
+                f"here needs less")
+    return (f"stage {mine['stage']}: the training step is predicted to need {mine['peak_bytes'] / gib:.2f} GiB per "
+            f"GPU ({mine['precision']}, train.jvp: {mine['jvp']}, per-GPU batch {mine['batch']} of "
+            f"train.batch_size {s.train.batch_size}), more than the {gb:g} GB ({gb * 1e9 / gib:.2f} GiB) of "
+            f"resources.train.gpu_mem_gb; {fit}; {lean}. Lower train.batch_size, change train.jvp, or raise "
+            "gpu_mem_gb if the card has more")
+
+
+def check(s: Settings, run_dir, cache_dir=None) -> Report:
+    """Every problem and warning of config `s` for the run folder `run_dir` (see the module doc);
+    `cache_dir`: where memory predictions are kept (default: plan.STEP_COST_CACHE, in the working
+    directory)."""
     report = Report()
     run_dir = Path(run_dir)
     _check_dataset(s, run_dir, report)
     _check_teacher(s, run_dir, report)
     _check_fid(s, report)
     _check_training(s, report)
+    _check_gpu_memory(s, report, cache_dir)
     return report

@@ -400,6 +400,9 @@ class ResourceSettings(Section):
                          ge=1)
     runtime: int = setting(30, "minutes", ge=1)
     cpus_per_gpu: Optional[int] = setting(None, "Slurm --cpus-per-gpu", ge=1)
+    gpu_mem_gb: Optional[float] = setting(None, "memory of one GPU, decimal GB (read by the training group only): "
+                                          "the checks before the run refuse a training step whose predicted "
+                                          "per-GPU peak exceeds it (`plan --gpu-mem`); null: no check", gt=0)
     slurm_partition: Optional[str] = setting(None, "Slurm partition")
     slurm_account: Optional[str] = setting(None, "Slurm account")
 

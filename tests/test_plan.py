@@ -4,6 +4,7 @@ figures (marked as such), its JSON output and its errors on bad reports and conf
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -244,3 +245,96 @@ def test_training_file_sizes_match_the_files_training_writes(capsys, tmp_path):
         size = sum(f.stat().st_size for f in files)
         assert abs(tensors - planned) <= 0.01 * planned, (path, tensors, planned)
         assert planned <= size <= 1.25 * planned, (path, size, planned)
+
+
+# -- predicted per-GPU memory and FLOPs (`--gpu-mem`, `--memory`) ------------------------------------------------
+# The 'tiny' net on 2 GPUs at a global batch of 8: per-GPU batch 4, bf16 (resources.train.gpu > 0).
+TINY_GPU = {"teacher": {"mode": "train", "train": {"preset": "tiny"}}, "train": {"batch_size": 8, "processes": 2},
+            "resources": {"train": {"gpu": 2}}}
+TINY_BUDGET = 4_000_000  # bytes: per-GPU batch 4 fits, 64 does not (stage 1 tangent: ~24, autograd: ~6)
+
+
+@pytest.fixture
+def tiny_gpu(tmp_path, monkeypatch):
+    """The tiny-net config, with the working directory in tmp_path (the cache lands there)."""
+    path = tmp_path / "tiny_gpu.yaml"
+    path.write_text(yaml.safe_dump(TINY_GPU))
+    monkeypatch.chdir(tmp_path)
+    return path
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts the fake steps run (largest_batch calls the module's measure_step too)."""
+    from remeanflow import step_cost
+
+    calls, measure = [], step_cost.measure_step
+    monkeypatch.setattr(step_cost, "measure_step", lambda *a, **k: calls.append(a) or measure(*a, **k))
+    return calls
+
+
+def test_gpu_mem_shows_the_peak_and_the_largest_batch_of_both_jvp_modes(capsys, tiny_gpu):
+    from remeanflow import step_cost
+
+    code, out, err = run_plan(capsys, "--configfile", str(tiny_gpu), "--gpu-mem", f"{TINY_BUDGET / 1e9}GB")
+    assert code == 0, err
+    assert "mem/GPU" in out and "roofline on H200 (989 TFLOP/s dense bf16)" in out
+    p = json_plan(capsys, "--configfile", str(tiny_gpu), "--gpu-mem", f"{TINY_BUDGET / 1e9}GB")  # cached: fast
+    train = plan.load_settings([tiny_gpu]).train
+    for k in (1, 2):
+        m = stage(p, f"stage {k}")["train_memory"]
+        assert m["processes"] == 2 and m["configured"] == "tangent" and set(m["modes"]) == {"tangent", "autograd"}
+        for jvp, mode in m["modes"].items():
+            assert mode["batch"] == 4 and mode["precision"] == "bf16" and mode["budget_bytes"] == TINY_BUDGET
+            assert mode["peak_bytes"] <= TINY_BUDGET and mode["fit_batch"] >= 4
+            assert mode["fit_peak_bytes"] <= TINY_BUDGET
+            assert f"largest per-GPU batch that fits: {mode['fit_batch']} (train.batch_size {2 * mode['fit_batch']}" \
+                in out
+    # against step_cost called directly (stage 1: the search and the step at the configured batch)
+    for jvp, mode in stage(p, "stage 1")["train_memory"]["modes"].items():
+        direct = step_cost.largest_batch("tiny", TINY_BUDGET, jvp, "bf16", stage=1, settings=train)
+        at_batch = step_cost.measure_step("tiny", 4, jvp=jvp, precision="bf16", stage=1, settings=train)
+        assert (mode["fit_batch"], mode["fit_peak_bytes"]) == (direct.batch, direct.cost.peak_cuda_bytes), jvp
+        assert (mode["peak_bytes"], mode["flops"]) == (at_batch.peak_cuda_bytes, at_batch.flops), jvp
+        assert mode["roofline"]["seconds"] == pytest.approx(at_batch.flops / 989e12)
+    modes = stage(p, "stage 1")["train_memory"]["modes"]
+    assert modes["tangent"]["fit_batch"] > modes["autograd"]["fit_batch"]  # the double backward keeps more
+
+
+def test_predictions_are_cached_in_the_working_directory(capsys, tiny_gpu, counted):
+    p = json_plan(capsys, "--configfile", str(tiny_gpu), "--memory", "--gpu-model", "A100")
+    assert len(counted) == 4  # 2 stages x 2 jvp modes, one step each (no card memory: no search)
+    assert len(list(Path(".snakemake/remeanflow-step-cost").glob("*.json"))) == 4
+    mode = stage(p, "stage 1")["train_memory"]["modes"]["tangent"]
+    assert "fit_batch" not in mode and mode["roofline"]["card"] == "A100"
+    assert mode["roofline"]["seconds"] == pytest.approx(mode["flops"] / 312e12)
+    again = json_plan(capsys, "--configfile", str(tiny_gpu), "--memory", "--gpu-model", "A100")
+    assert len(counted) == 4 and again == p  # all four read back
+    s = plan.load_settings([tiny_gpu])
+    assert plan.step_memory(s, 1, "tangent") == {k: v for k, v in mode.items() if k != "roofline"}
+    assert len(counted) == 4
+    bigger = dataclasses.replace(s, train=dataclasses.replace(s.train, batch_size=12))
+    assert plan.step_memory(bigger, 1, "tangent")["batch"] == 6 and len(counted) == 5  # another key: measured
+
+
+def test_gpu_mem_from_the_resources_and_bad_values(capsys, tiny_gpu, counted, monkeypatch):
+    """resources.train.gpu_mem_gb asks for the prediction like --gpu-mem; plain plan predicts nothing."""
+    json_plan(capsys, "--configfile", str(tiny_gpu))
+    assert counted == []
+    asked = []
+    monkeypatch.setattr(plan, "step_memory", lambda s, stage, jvp, budget, cache: asked.append(budget) or dict(
+        stage=stage, jvp=jvp, batch=4, precision="bf16", budget_bytes=budget, peak_bytes=1, flops=1, fit_batch=1,
+        fit_peak_bytes=1))
+    overlay = Path("mem.yaml")
+    overlay.write_text(yaml.safe_dump({"resources": {"train": {"gpu_mem_gb": 2.5}}}))
+    json_plan(capsys, "--configfile", str(tiny_gpu), "--configfile", str(overlay))
+    assert asked == [2_500_000_000] * 4
+    json_plan(capsys, "--configfile", str(tiny_gpu), "--configfile", str(overlay), "--gpu-mem", "1GiB")
+    assert asked[4:] == [2 ** 30] * 4  # the command line wins
+    assert plan.parse_gpu_mem("80GiB") == 80 * 2 ** 30 and plan.parse_gpu_mem("80 gb") == plan.parse_gpu_mem("80") \
+        == 80_000_000_000
+    for bad in ("80TB", "-1GB", "0", "lots"):
+        code, _, err = run_plan(capsys, "--configfile", str(tiny_gpu), f"--gpu-mem={bad}")
+        assert code == 2 and "--gpu-mem" in err, bad
+    code, _, err = run_plan(capsys, "--configfile", str(tiny_gpu), "--memory", "--gpu-model", "Voodoo5")
+    assert code == 2 and "--gpu-model 'Voodoo5'" in err and "H200" in err

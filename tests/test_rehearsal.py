@@ -285,3 +285,54 @@ def test_the_64_rehearsal_has_pixel_assets_and_a_clean_dry_run(tmp_path):
     assert "remeanflow: warnings" not in out
     counts = job_counts(out)
     assert counts["fetch_teacher"] == 1 and counts["fid_reference_stats"] == 1 and counts["evaluate_shard"] == 4
+
+
+# -- resources.train.gpu_mem_gb: the predicted per-GPU peak of the training step -------------------------------
+# The test config's 'tiny' net on 2 GPUs (bf16), per-GPU batch 4. Its stage-1 peak is ~1.6 MB with the
+# default train.jvp (tangent) and ~2.9 MB with autograd; 1.4 MB fits neither at batch 4.
+TINY_ON_GPUS = {"train": {"processes": 2}, "resources": {"train": {"gpu": 2}}}
+
+
+def _tiny_settings(jvp: str, gb: float | None = None) -> settings.Settings:
+    from conftest import TINY
+
+    tree = yaml.safe_load((REPO / "config.yaml").read_text())
+    for overlay in (TINY, TINY_ON_GPUS, {"train": {"jvp": jvp}, "resources": {"train": {"gpu_mem_gb": gb}}}):
+        tree = rmf_config.merge(tree, overlay)
+    return settings.load(rmf_config.validate(tree))
+
+
+def test_a_step_that_does_not_fit_gpu_mem_gb_is_refused_naming_the_batch_and_mode(tmp_path):
+    """train.jvp: autograd, which needs more than tangent (the dry run below has the other case)."""
+    from remeanflow import plan
+
+    jvp, other, relation = "autograd", "tangent", "needs less"
+    cache = tmp_path / "cache"
+    s = _tiny_settings(jvp=jvp, gb=0.0014)
+    report = preflight.check(s, tmp_path / "run", cache_dir=cache)
+    assert [f.key for f in report.problems] == ["resources.train.gpu_mem_gb"] * 2  # both stages
+    mine = plan.step_memory(s, 1, jvp, 1_400_000, cache)
+    theirs = plan.step_memory(s, 1, other, 1_400_000, cache)
+    assert mine["peak_bytes"] > 1_400_000 and mine["batch"] == 4
+    text = str(report.problems[0])
+    assert text.startswith("  - resources.train.gpu_mem_gb: stage 1: ")
+    assert f"predicted to need {mine['peak_bytes'] / 2 ** 30:.2f} GiB per GPU" in text
+    assert f"train.jvp: {jvp}, per-GPU batch 4 of train.batch_size 8" in text
+    fit = f"train.batch_size: {2 * mine['fit_batch']} ({mine['fit_batch']} per GPU x 2 processes" if mine[
+        "fit_batch"] else "not even a per-GPU batch of 1 fits"
+    assert fit in text and f"train.jvp: {other} {relation} ({theirs['peak_bytes'] / 2 ** 30:.2f} GiB" in text
+    assert (theirs["peak_bytes"] < mine["peak_bytes"]) == (relation == "needs less")
+    # a card large enough: no problem; no card named: no prediction at all (nothing cached)
+    assert preflight.check(_tiny_settings(jvp=jvp, gb=80), tmp_path / "run", cache_dir=cache).problems == []
+    before = sorted(cache.iterdir())
+    assert preflight.check(_tiny_settings(jvp=jvp), tmp_path / "run", cache_dir=tmp_path / "none").problems == []
+    assert not (tmp_path / "none").exists() and sorted(cache.iterdir()) == before
+
+
+def test_gpu_mem_gb_too_small_stops_the_dry_run_before_any_job(tmp_path):
+    config = write_config(tmp_path, rmf_config.merge(TINY_ON_GPUS, {"resources": {"train": {"gpu_mem_gb": 0.0014}}}))
+    code, out = _dry(tmp_path, config)
+    assert code != 0 and "  - resources.train.gpu_mem_gb: stage 1: the training step is predicted to need" in out
+    assert "train.jvp: tangent, per-GPU batch 4" in out and "train.jvp: autograd needs more" in out
+    assert "2 problems" in out and not (tmp_path / "results").exists(), out[-3000:]
+    assert len(list((tmp_path / ".snakemake" / "remeanflow-step-cost").glob("*.json"))) == 4  # kept for the next
