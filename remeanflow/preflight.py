@@ -15,7 +15,7 @@ What is checked (docs/architecture.md, "Checks before the run"):
 * URLs fetched without a sha256 to check them against (warning);
 * training: `train.compile` with several processes (DDP cannot be traced), a global batch that does
   not split over the processes; with `resources.train.gpu_mem_gb` set, a step whose predicted
-  per-GPU peak (`plan.step_memory`: fake steps, cached under .snakemake/remeanflow-step-cost/) does
+  per-GPU peak (`step_budget.step_memory`: fake steps, cached under .snakemake/remeanflow-step-cost/) does
   not fit that memory.
 """
 
@@ -26,6 +26,7 @@ import json
 import os
 from pathlib import Path
 
+from . import step_budget
 from .data.download import classify_source
 from .fileio import hash_prefix
 from .settings import Settings
@@ -172,14 +173,9 @@ def _check_ref_stats(s: Settings, report: Report) -> None:
         (report.problems if ref.on_mismatch == "error" else report.warnings).append(finding)
 
 
-def train_processes(s: Settings) -> int:
-    """Processes of a training job: launch.job_processes without a device cap, times the nodes."""
-    return max(s.train.processes, s.resources_of("train").gpu, 1) * s.resources_of("train").nodes
-
-
 def _check_training(s: Settings, report: Report) -> None:
     """What the training processes need (the job re-checks against the devices it gets)."""
-    processes = train_processes(s)
+    processes = step_budget.train_processes(s)
     if s.train.compile is not None and processes > 1:
         report.problems.append(Finding("train.compile", f"{s.train.compile} with {processes} processes "
                                        "(train.processes / resources.train.gpu): torch.compile cannot trace the "
@@ -194,17 +190,15 @@ def _check_gpu_memory(s: Settings, report: Report, cache_dir) -> None:
     """The predicted per-GPU peak of each training stage against resources.train.gpu_mem_gb. Asked
     for only: the first prediction of an EDM2 net takes minutes on a CPU (then it is cached)."""
     gb = s.resources_of("train").gpu_mem_gb
-    processes = train_processes(s)
+    processes = step_budget.train_processes(s)
     if gb is None or s.train.batch_size % processes:
         return  # no card named, or no per-GPU batch (reported above)
-    from . import plan  # imports torch: only here, when a card is named
-
     budget = int(gb * 1e9)
     for stage in (1, 2):
-        mine = plan.step_memory(s, stage, s.train.jvp, budget, cache_dir)
+        mine = step_budget.step_memory(s, stage, s.train.jvp, budget, cache_dir)
         if mine["peak_bytes"] <= budget:
             continue
-        other = plan.step_memory(s, stage, plan.OTHER_JVP[s.train.jvp], budget, cache_dir)
+        other = step_budget.step_memory(s, stage, step_budget.OTHER_JVP[s.train.jvp], budget, cache_dir)
         report.problems.append(Finding("resources.train.gpu_mem_gb", _memory_message(s, mine, other, gb, processes)))
 
 
@@ -229,7 +223,7 @@ def _memory_message(s: Settings, mine: dict, other: dict, gb: float, processes: 
 
 def check(s: Settings, run_dir, cache_dir=None) -> Report:
     """Every problem and warning of config `s` for the run folder `run_dir` (see the module doc);
-    `cache_dir`: where memory predictions are kept (default: plan.STEP_COST_CACHE, in the working
+    `cache_dir`: where memory predictions are kept (default: step_budget.STEP_COST_CACHE, in the working
     directory)."""
     report = Report()
     run_dir = Path(run_dir)
