@@ -81,7 +81,7 @@ def test_make_heldout_is_deterministic_and_matches_the_samplers(setup, tmp_path)
     labels = sampling.per_sample_labels(HELDOUT["seed"], ids, CLASSES)
     assert np.array_equal(h.noise, noise.numpy()) and np.array_equal(h.labels, labels.numpy())
     assert h.attrs["nfe"] == {"teacher_endpoint": 5, "teacher_1step": 1} and h.attrs["guided"]
-    assert h.attrs["teacher_sha256"] == checkpoints.sha256_file(paths["teacher"])
+    assert h.attrs["teacher_sha256"] == sha256_file(paths["teacher"])
 
     teacher = checkpoints.load_net(paths["teacher"])["net"]
     guide = checkpoints.load_net(paths["guide"])["net"]
@@ -222,9 +222,9 @@ def test_evaluate_checkpoint_writes_metrics_and_grid(setup, tmp_path):
 
     assert metrics["num_samples"] == 24 and metrics["seed"] == HELDOUT["seed"] and metrics["fid"] is None
     assert evaluate.FID_SKIPPED in metrics["notes"]
-    assert metrics["checkpoints"]["net"] == checkpoints.sha256_file(paths["teacher"])
-    assert metrics["checkpoints"]["initial"] == checkpoints.sha256_file(paths["initial"])
-    assert metrics["checkpoints"]["guide"] == checkpoints.sha256_file(paths["guide"])
+    assert metrics["checkpoints"]["net"] == sha256_file(paths["teacher"])
+    assert metrics["checkpoints"]["initial"] == sha256_file(paths["initial"])
+    assert metrics["checkpoints"]["guide"] == sha256_file(paths["guide"])
     assert metrics["reference"]["num_images"] == 20
 
     grid = metrics["grid"]

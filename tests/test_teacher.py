@@ -38,13 +38,16 @@ def random_tiny_net(seed: int = 0) -> networks.Precond:
     return net
 
 
-def run(tmp_path, images, labels, name="run", **kwargs):
+def run(tmp_path, images, labels, name="run", diverge=False, **kwargs):
     recipe = dict(preset="tiny", steps=3, batch_size=8, guide_step=2)
     recipe.update((k, kwargs.pop(k)) for k in list(kwargs) if k in RECIPE_KEYS)
     args = dict(net_kwargs=TINY, progress=False, out_main=tmp_path / f"{name}-main.pt",
                 out_guide=tmp_path / f"{name}-guide.pt")
     args.update(kwargs)
-    return teacher.train_teacher(images, labels, TeacherTrainSettings(**recipe), **args)
+    settings = TeacherTrainSettings(**recipe)
+    if diverge:  # settings refuse a non-finite lr; set one behind their back to make the weights blow up
+        object.__setattr__(settings, "lr_ref", math.inf)
+    return teacher.train_teacher(images, labels, settings, **args)
 
 
 RECIPE_KEYS = {f.name for f in dataclasses.fields(TeacherTrainSettings)}
@@ -230,7 +233,7 @@ def test_non_finite_training_stops_and_writes_nothing(tmp_path, steps, message):
     # steps the next loss is NaN; with a single step the final weights are caught before saving.
     images, labels = colour_set(16, 4)
     with pytest.raises(FloatingPointError, match=message):
-        run(tmp_path, images, labels, steps=steps, guide_step=steps, lr_ref=math.inf, rampup_steps=0,
+        run(tmp_path, images, labels, steps=steps, guide_step=steps, diverge=True, rampup_steps=0,
             metrics_csv=tmp_path / "metrics.csv")
     assert list(tmp_path.iterdir()) == []
 
